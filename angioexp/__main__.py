@@ -1,0 +1,5 @@
+import sys
+
+from angioexp.cli import main
+
+sys.exit(main())

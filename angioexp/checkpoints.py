@@ -1,0 +1,129 @@
+"""Loading weights into a model with a verified load report.
+
+Both backends load through :func:`load_state_with_report`: a Stage 2 run that silently starts
+from random weights (the researcher's mistake; SAM3's own ``checkpoint_path`` does this with a
+trainer checkpoint) fails here instead, before any training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from angioexp.errors import CheckpointLoadError, InputError
+
+
+@dataclass
+class LoadReport:
+    """What a state dict did to a model. Counts are tensors; fractions are of the model's tensors."""
+
+    source: str
+    model_tensors: int
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, absent from the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, absent from the model
+    shape_mismatched: list[str] = field(default_factory=list)  # same name, different shape (skipped)
+    skipped_by_rule: list[str] = field(default_factory=list)  # dropped on purpose (e.g. RoPE buffers)
+
+    @property
+    def loaded_fraction(self) -> float:
+        return len(self.loaded) / self.model_tensors if self.model_tensors else 0.0
+
+    def as_params(self, prefix: str = "init") -> dict[str, str | int | float]:
+        """Flat values for MLflow params (counts and the loaded fraction)."""
+        return {
+            f"{prefix}.source": self.source,
+            f"{prefix}.loaded": len(self.loaded),
+            f"{prefix}.missing": len(self.missing),
+            f"{prefix}.unexpected": len(self.unexpected),
+            f"{prefix}.shape_mismatched": len(self.shape_mismatched),
+            f"{prefix}.skipped_by_rule": len(self.skipped_by_rule),
+            f"{prefix}.model_tensors": self.model_tensors,
+            f"{prefix}.loaded_fraction": round(self.loaded_fraction, 4),
+        }
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["loaded_fraction"] = self.loaded_fraction
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)}/{self.model_tensors} tensors ({self.loaded_fraction:.1%}) from {self.source}; "
+            f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"shape-mismatched {len(self.shape_mismatched)}, skipped {len(self.skipped_by_rule)}"
+        )
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` with ``weights_only=True``; a clear error for missing/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found", file=path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise InputError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", file=path) from None
+
+
+def extract_state_dict(payload: Mapping) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the common wrappers (``model``, ``state_dict``, ``model_state``)."""
+    for key in ("model", "state_dict", "model_state"):
+        inner = payload.get(key) if isinstance(payload, Mapping) else None
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return dict(payload)
+    raise InputError("no model state dict found (looked for a tensor mapping at the top level and under 'model', 'state_dict', 'model_state')")
+
+
+def load_state_with_report(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    min_loaded_fraction: float = 0.0,
+    skip=lambda name: False,
+    rename=lambda name: name,
+) -> LoadReport:
+    """Copy matching tensors of ``state`` into ``model``; never raise on partial fits.
+
+    ``rename`` maps checkpoint names to model names (e.g. strip a ``detector.`` prefix);
+    ``skip(name)`` drops tensors on purpose (counted separately). Fails with
+    :class:`CheckpointLoadError` when the loaded fraction is below ``min_loaded_fraction`` —
+    and then the model is left untouched.
+    """
+    own = model.state_dict()
+    report = LoadReport(source=source, model_tensors=len(own))
+    to_load: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    for raw_name, tensor in state.items():
+        name = rename(raw_name)
+        if skip(name):
+            report.skipped_by_rule.append(name)
+            seen.add(name)
+            continue
+        if name not in own:
+            report.unexpected.append(raw_name)
+            continue
+        seen.add(name)
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            report.shape_mismatched.append(name)
+            continue
+        to_load[name] = tensor
+    report.loaded = sorted(to_load)
+    report.missing = sorted(n for n in own if n not in seen)
+    if report.loaded_fraction < min_loaded_fraction:
+        raise CheckpointLoadError(
+            f"refusing to start from {source}: {report.summary()} — below the required "
+            f"{min_loaded_fraction:.0%} (min_loaded_fraction)",
+            report,
+        )
+    with torch.no_grad():
+        for name, tensor in to_load.items():
+            own[name].copy_(tensor.to(dtype=own[name].dtype))
+    return report

@@ -1,0 +1,569 @@
+"""One typed configuration for both training backends.
+
+Section and key names follow SAM3's Hydra config (``scratch.lr_scale``, ``loss.masks.loss_mask``,
+``matcher.cost_giou`` …) so that a value means the same thing in the ``core`` and ``sam3``
+backends and in a sweep. YAML files and ``--set key=value`` overrides are validated against
+these dataclasses: unknown keys are rejected with the nearest valid key, values are coerced to
+the declared type and range-checked.
+
+    cfg = load_config("my.yaml", overrides=["scratch.lr_scale=0.1"], stage=2)
+    cfg.scratch.lr_transformer          # effective LRs derive from lr_scale
+    flatten(cfg)                        # {"scratch.lr_scale": 0.1, ...} for MLflow params
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from angioexp.errors import ConfigError
+
+# SAM3's base learning rates, multiplied by scratch.lr_scale (sam3/train/configs/*).
+BASE_LR_TRANSFORMER = 8e-4
+BASE_LR_VISION_BACKBONE = 2.5e-4
+BASE_LR_LANGUAGE_BACKBONE = 5e-5
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from."""
+
+    coco_dir: str | None = None  # COCO root from `angioexp convert`; None → bundled synthetic data
+    index_csv: str | None = None  # a raw index.csv to convert (used when coco_dir is None)
+    cache_dir: str = "data"  # prepared datasets are cached here, keyed by their digest
+    synth_cases: int = 240  # synthetic default: patients/cases to generate
+    synth_seed: int = 0
+    synth_size: int = 512
+    synth_frames: int = 8
+    train_split: str = "train"
+    val_split: str = "val"
+    max_val_images: int | None = None  # cap evaluation cost during training
+    use_clean_val_labels: bool = True  # score against gt_mask_path when the data has it
+
+
+@dataclass
+class AmpConfig:
+    enabled: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+
+
+@dataclass
+class GradientClipConfig:
+    max_norm: float | None = 0.1  # SAM3 default; None disables clipping
+    norm_type: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    gradient_clip: GradientClipConfig = field(default_factory=GradientClipConfig)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class ScratchConfig:
+    """SAM3's ``scratch`` section: resolution, learning-rate scale, schedule, batch sizes."""
+
+    resolution: int = 256  # SAM3 native: 1008 (multiples of 336 keep its windows exact)
+    enable_segmentation: bool = True
+    max_ann_per_img: int = 200
+    lr_scale: float = 1.0
+    lrd_vision_backbone: float = 0.9  # layer-wise LR decay over the image encoder's stages
+    wd: float = 0.1
+    scheduler_warmup: int = 50  # steps
+    scheduler_timescale: int = 200  # steps; InverseSquareRoot decay constant
+    scheduler_cooldown: int = 50  # steps of linear decay to 0 at the end
+    train_batch_size: int = 8
+    val_batch_size: int = 8
+    num_train_workers: int = 0
+    crop_size: int | None = None  # random square crops at train time (None: whole image)
+
+    @property
+    def lr_transformer(self) -> float:
+        return BASE_LR_TRANSFORMER * self.lr_scale
+
+    @property
+    def lr_vision_backbone(self) -> float:
+        return BASE_LR_VISION_BACKBONE * self.lr_scale
+
+    @property
+    def lr_language_backbone(self) -> float:
+        return BASE_LR_LANGUAGE_BACKBONE * self.lr_scale
+
+
+@dataclass
+class MatcherConfig:
+    """BinaryHungarianMatcherV2 costs (one-to-one matching)."""
+
+    focal: bool = True
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+@dataclass
+class O2MConfig:
+    """One-to-many auxiliary matching (BinaryOneToManyMatcher) and its loss weight."""
+
+    enabled: bool = False
+    o2m_weight: float = 2.0
+    alpha: float = 0.3
+    threshold: float = 0.4
+    topk: int = 4
+
+
+@dataclass
+class BoxesLossConfig:
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+
+
+@dataclass
+class IABCELossConfig:
+    """IABCEMdetr: IoU-aware focal classification with a presence token."""
+
+    loss_ce: float = 20.0
+    presence_loss: float = 20.0
+    pos_weight: float = 10.0
+    alpha: float = 0.25
+    gamma: float = 2.0
+    use_presence: bool = True
+    pos_focal: bool = False
+
+
+@dataclass
+class MasksLossConfig:
+    """Instance-mask loss: sigmoid focal + Dice, optionally on importance-sampled points."""
+
+    loss_mask: float = 200.0  # SAM3's segmentation example; the researcher used 5
+    loss_dice: float = 10.0  # SAM3's segmentation example; the researcher used 5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    num_sample_points: int | None = None  # None: dense loss on every pixel
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass
+class SemanticLossConfig:
+    """SemanticSegCriterion: per-pixel semantic head (+ Dice, + presence)."""
+
+    loss_semantic_seg: float = 20.0
+    loss_semantic_dice: float = 30.0
+    loss_semantic_presence: float = 1.0
+    focal: bool = True
+    focal_alpha: float = 0.6
+    focal_gamma: float = 2.0
+    presence_loss: bool = False
+
+
+@dataclass
+class ViewLossConfig:
+    """Auxiliary classification of the C-arm view from image features."""
+
+    loss_view: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    boxes: BoxesLossConfig = field(default_factory=BoxesLossConfig)
+    iabce: IABCELossConfig = field(default_factory=IABCELossConfig)
+    masks: MasksLossConfig = field(default_factory=MasksLossConfig)
+    semantic: SemanticLossConfig = field(default_factory=SemanticLossConfig)
+    view: ViewLossConfig = field(default_factory=ViewLossConfig)
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are built for each (image, category) query (RandomGeometricInputsAPI)."""
+
+    use_text: bool = True  # the category's text prompt as a token
+    num_points: tuple[int, int] = (0, 0)  # [lo, hi] positive points per query
+    num_negative_points: int = 0
+    box_chance: float = 0.0  # probability that a query also gets a box prompt
+    point_sample_mode: Literal["centreline", "centered", "random"] = "centreline"
+    geometric_query_str: str = "visual"
+    resample_box_from_mask: bool = True
+    negatives_per_image: int = 2  # Stage 2: absent categories queried per image (presence training)
+
+
+@dataclass
+class ModelConfig:
+    """Size of the core model (ignored by the sam3 backend)."""
+
+    encoder_channels: tuple[int, ...] = (16, 32, 64, 96)  # one per stride 2, 4, 8, 16
+    d_model: int = 96
+    num_queries: int = 8
+    decoder_layers: int = 2
+    num_heads: int = 4
+    use_view_conditioning: bool = True
+    num_views: int = 0  # 0: derived from angioexp.prompts.views.VIEW_CLASSES
+
+
+@dataclass
+class NanGuardConfig:
+    max_consecutive: int = 3  # K non-finite steps in a row → restore last good state
+    lr_backoff: float = 0.5  # multiply every LR by this on each restore
+    max_restores: int = 4  # give up (TrainingDiverged) after this many restores
+    snapshot_every: int = 25  # keep an in-memory last-good state every N good steps
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    budget_minutes: float | None = None  # stop cleanly at this wall time
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 200
+    out_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = True
+    threads: int | None = None  # torch.set_num_threads; None = library default
+
+
+@dataclass
+class EvalConfig:
+    tolerance_px: int = 1  # boundary tolerance for the tolerant AP / Boundary IoU
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    overlays: int = 8  # prediction overlay PNGs per evaluation
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str | None = None  # default: angioexp-stage{stage}
+    register: bool = True
+    primary_metric: str = "val/AP75_tol"  # champion is decided on this
+    primary_mode: Literal["max", "min"] = "max"
+    log_system_metrics: bool = True
+    run_name: str | None = None
+
+
+@dataclass
+class Sam3Config:
+    """Settings only the sam3 backend reads."""
+
+    checkpoint: str | None = None  # vanilla sam3.pt, a trainer checkpoint or models:/… URI
+    bpe_path: str | None = None  # None: look in installed packages
+    max_epochs: int = 1
+    steps_per_epoch: int | None = None
+    val_epoch_freq: int = 1
+    num_gpus: int = 1
+
+
+@dataclass
+class Config:
+    stage: Literal[1, 2] = 1
+    backend: Literal["core", "sam3"] = "core"
+    seed: int = 0
+    init_from: str | None = None  # Stage 2 default: models:/angio-stage1@champion
+    min_loaded_fraction: float = 0.9  # fail when fewer of the model's tensors were loaded
+    data: DataConfig = field(default_factory=DataConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    o2m: O2MConfig = field(default_factory=O2MConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sam3: Sam3Config = field(default_factory=Sam3Config)
+
+
+STAGE1_INIT_DEFAULT = "models:/angio-stage1@champion"
+
+# Value checks: key → (predicate, message). Applied after every load/override.
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "scratch.lr_scale": (lambda v: v > 0 and math.isfinite(v), "must be > 0"),
+    "scratch.resolution": (lambda v: v >= 32 and v % 16 == 0, "must be a multiple of 16 and >= 32"),
+    "scratch.train_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "scratch.val_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "scratch.wd": (lambda v: v >= 0, "must be >= 0"),
+    "scratch.lrd_vision_backbone": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "scratch.scheduler_warmup": (lambda v: v >= 0, "must be >= 0"),
+    "scratch.scheduler_timescale": (lambda v: v >= 1, "must be >= 1"),
+    "scratch.scheduler_cooldown": (lambda v: v >= 0, "must be >= 0"),
+    "scratch.crop_size": (lambda v: v is None or (v >= 32 and v % 16 == 0), "must be a multiple of 16 and >= 32"),
+    "optim.gradient_clip.max_norm": (lambda v: v is None or v > 0, "must be > 0 (or null to disable)"),
+    "prompts.num_points": (lambda v: 0 <= v[0] <= v[1], "must be [lo, hi] with 0 <= lo <= hi"),
+    "prompts.box_chance": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "prompts.num_negative_points": (lambda v: v >= 0, "must be >= 0"),
+    "prompts.negatives_per_image": (lambda v: v >= 0, "must be >= 0"),
+    "model.num_queries": (lambda v: v >= 1, "must be >= 1"),
+    "model.d_model": (lambda v: v >= 8, "must be >= 8"),
+    "nan_guard.max_consecutive": (lambda v: v >= 1, "must be >= 1"),
+    "nan_guard.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "train.max_steps": (lambda v: v >= 1, "must be >= 1"),
+    "eval.tolerance_px": (lambda v: v >= 0, "must be >= 0"),
+    "min_loaded_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "data.synth_cases": (lambda v: v >= 3, "must be >= 3 (one patient per split at least)"),
+}
+# Every loss weight and focal parameter must be non-negative; alphas lie in [0, 1].
+for _section in dataclasses.fields(LossConfig):
+    _hints = typing.get_type_hints(typing.get_type_hints(LossConfig)[_section.name])
+    for _name, _type in _hints.items():
+        if _type is float:
+            _CHECKS[f"loss.{_section.name}.{_name}"] = (
+                (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+                if "alpha" in _name
+                else (lambda v: v >= 0 and math.isfinite(v), "must be >= 0")
+            )
+for _name in ("cost_class", "cost_bbox", "cost_giou", "gamma"):
+    _CHECKS[f"matcher.{_name}"] = (lambda v: v >= 0, "must be >= 0")
+_CHECKS["matcher.alpha"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flatten / unflatten / lookup
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dataclass → {"section.key": value}; derived LRs included under scratch.*."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    if isinstance(cfg, ScratchConfig):
+        out[f"{prefix}lr_transformer"] = cfg.lr_transformer
+        out[f"{prefix}lr_vision_backbone"] = cfg.lr_vision_backbone
+        out[f"{prefix}lr_language_backbone"] = cfg.lr_language_backbone
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (YAML-ready; tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        else:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key → its declared type."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(all_keys(t, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = t
+    return out
+
+
+def _suggest(key: str, candidates) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    if not close:
+        # try on the last component only (e.g. "lr_scal" → scratch.lr_scale)
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        tail = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.6)
+        close = [tails[tail[0]]] if tail else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Coercion
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc.reason)
+        raise ConfigError("; ".join(errors) or f"invalid value {value!r}", file=source, key=key)
+    if origin is Literal:
+        for arg in args:
+            if value == arg or (isinstance(value, str) and str(arg) == value.strip()):
+                return arg
+        raise ConfigError(f"must be one of {list(args)}, got {value!r}", file=source, key=key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", file=source, key=key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key, source) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"expected {len(args)} values, got {list(value)!r}", file=source, key=key)
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"expected true/false, got {value!r}", file=source, key=key)
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {value!r}", file=source, key=key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"expected an integer, got {value!r}", file=source, key=key)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected a number, got {value!r}", file=source, key=key)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected a number, got {value!r}", file=source, key=key) from None
+        if math.isnan(number):
+            raise ConfigError("NaN is not a valid value", file=source, key=key)
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"expected a string, got {value!r}", file=source, key=key)
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Load / override / validate
+
+
+def _apply_mapping(cfg: Any, mapping: dict, prefix: str, source: str | None, keys: dict[str, Any]) -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"expected a mapping, got {type(mapping).__name__}", file=source, key=prefix.rstrip(".") or None)
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if not hasattr(cfg, str(name)):
+            raise ConfigError(f"unknown config key{_suggest(key, keys)}", file=source, key=key)
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            _apply_mapping(current, value, key + ".", source, keys)
+        else:
+            setattr(cfg, name, _coerce(value, keys[key], key, source))
+
+
+def set_value(cfg: Config, key: str, value: Any, source: str | None = None) -> None:
+    """Set one dotted key (value as YAML text or a Python value), with type coercion."""
+    keys = all_keys()
+    if key not in keys:
+        raise ConfigError(f"unknown config key{_suggest(key, keys)}", file=source, key=key)
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            parsed = value
+        # keep strings that YAML would turn into dates etc. as plain text
+        value = parsed if isinstance(parsed, (int, float, bool, list, type(None), str)) else value
+    target: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        target = getattr(target, part)
+    setattr(target, parts[-1], _coerce(value, keys[key], key, source))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override must look like key=value, got {text!r}", key=text)
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def validate(cfg: Config, source: str | None = None) -> Config:
+    flat = flatten(cfg)
+    for key, (check, message) in _CHECKS.items():
+        value = flat[key]
+        try:
+            ok = check(tuple(value) if isinstance(value, list) else value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{message}, got {value!r}", file=source, key=key)
+    if cfg.stage == 2 and cfg.backend == "core" and cfg.prompts.use_text is False and cfg.prompts.num_points[1] == 0 and cfg.prompts.box_chance == 0:
+        raise ConfigError(
+            "Stage 2 needs a way to say which segment is wanted: enable prompts.use_text or give points/boxes",
+            file=source, key="prompts.use_text",
+        )
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    stage: int | None = None,
+    backend: str | None = None,
+) -> Config:
+    """Defaults ← YAML file ← explicit stage/backend ← ``key=value`` overrides; then validate.
+
+    Stage 2 gets ``init_from = models:/angio-stage1@champion`` unless the file or an override
+    sets it (``init_from=none`` starts from scratch on purpose).
+    """
+    cfg = Config()
+    keys = all_keys()
+    source = str(path) if path else None
+    explicit_init = False
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("config file not found", file=p)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {exc}", file=p) from None
+        _apply_mapping(cfg, data, "", source, keys)
+        explicit_init = isinstance(data, dict) and "init_from" in data
+    if stage is not None:
+        set_value(cfg, "stage", stage, "--stage")
+    if backend is not None:
+        set_value(cfg, "backend", backend, "--backend")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_value(cfg, key, value, "--set")
+        explicit_init = explicit_init or key == "init_from"
+    if cfg.stage == 2 and not explicit_init and cfg.init_from is None:
+        cfg.init_from = STAGE1_INIT_DEFAULT
+    if isinstance(cfg.init_from, str) and cfg.init_from.strip().lower() in ("", "none", "scratch"):
+        cfg.init_from = None
+    return validate(cfg, source)
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"angioexp-stage{cfg.stage}"
