@@ -38,6 +38,7 @@ class DataConfig:
 
     coco_dir: str | None = None  # COCO root from `angioexp convert`; None → bundled synthetic data
     index_csv: str | None = None  # a raw index.csv to convert (used when coco_dir is None)
+    convert_size: int | None = None  # index_csv only: scale frames' longer side to N px (None: keep)
     cache_dir: str = "data"  # prepared datasets are cached here, keyed by their digest
     synth_cases: int = 240  # synthetic default: patients/cases to generate
     synth_seed: int = 0
@@ -86,6 +87,8 @@ class ScratchConfig:
     val_batch_size: int = 8
     num_train_workers: int = 0
     crop_size: int | None = None  # random square crops at train time (None: whole image)
+    # core backend: horizontal flips at train time; a mirrored image's C-arm view becomes "unknown"
+    hflip_prob: float = 0.5
 
     @property
     def lr_transformer(self) -> float:
@@ -140,6 +143,9 @@ class IABCELossConfig:
     gamma: float = 2.0
     use_presence: bool = True
     pos_focal: bool = False
+    # SAM3's configs pad to 200 queries: loss_ce = Σ / (pad_n_queries·B) when the model has fewer
+    # queries, so a small model keeps a 200-query model's loss scale. None: mean over B·Q.
+    pad_n_queries: int | None = None
 
 
 @dataclass
@@ -153,6 +159,10 @@ class MasksLossConfig:
     num_sample_points: int | None = None  # None: dense loss on every pixel
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    # Who is resampled when mask logits and targets differ in size (angioexp.losses.loss_fns):
+    # "targets_area" (targets area-averaged to the logits: soft, thin vessels kept), "predictions"
+    # (logits upsampled to the target: SAM3's Masks), "targets_sam3" (bilinear → bool).
+    resize: Literal["targets_area", "predictions", "targets_sam3"] = "targets_area"
 
 
 @dataclass
@@ -166,6 +176,10 @@ class SemanticLossConfig:
     focal_alpha: float = 0.6
     focal_gamma: float = 2.0
     presence_loss: bool = False
+    # SAM3's presence_head: seg/Dice averaged over find queries whose concept is present only
+    presence_head: bool = True
+    # as loss.masks.resize; SAM3's downsample=False is "predictions", downsample=True "targets_sam3"
+    resize: Literal["targets_area", "predictions", "targets_sam3"] = "targets_area"
 
 
 @dataclass
@@ -195,7 +209,12 @@ class PromptConfig:
     point_sample_mode: Literal["centreline", "centered", "random"] = "centreline"
     geometric_query_str: str = "visual"
     resample_box_from_mask: bool = True
+    box_noise_std: float = 0.0  # box prompt jitter, relative to box side (SAM3's noise_box)
+    box_noise_max: float | None = None  # clip the jitter to this many pixels (None: no clip)
     negatives_per_image: int = 2  # Stage 2: absent categories queried per image (presence training)
+    # core backend, Stage 2: present categories queried per training image (sampled; None = all).
+    # Bounds the cost of a step: every find query gets full-resolution mask logits.
+    positives_per_image: int | None = 4
 
 
 @dataclass
@@ -208,6 +227,8 @@ class ModelConfig:
     decoder_layers: int = 2
     num_heads: int = 4
     use_view_conditioning: bool = True
+    stem_channels: int = 8  # full-resolution encoder features (the finest skip of the pixel decoder)
+    mask_dim: int = 16  # per-pixel embedding width that query embeddings are dotted with
     num_views: int = 0  # 0: derived from angioexp.prompts.views.VIEW_CLASSES
 
 
@@ -256,7 +277,9 @@ class Sam3Config:
 
     checkpoint: str | None = None  # vanilla sam3.pt, a trainer checkpoint or models:/… URI
     bpe_path: str | None = None  # None: look in installed packages
-    max_epochs: int = 1
+    # SAM3's trainer is epoch based: None → ceil(train.max_steps / steps per epoch) epochs.
+    max_epochs: int | None = None
+    # None: the whole train split per epoch (capped by train.max_steps); else a fixed subset.
     steps_per_epoch: int | None = None
     val_epoch_freq: int = 1
     num_gpus: int = 1
@@ -301,8 +324,16 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.gradient_clip.max_norm": (lambda v: v is None or v > 0, "must be > 0 (or null to disable)"),
     "prompts.num_points": (lambda v: 0 <= v[0] <= v[1], "must be [lo, hi] with 0 <= lo <= hi"),
     "prompts.box_chance": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "prompts.box_noise_std": (lambda v: v >= 0 and math.isfinite(v), "must be >= 0"),
+    "prompts.box_noise_max": (lambda v: v is None or v >= 0, "must be >= 0 (or null)"),
+    "loss.iabce.pad_n_queries": (lambda v: v is None or v >= 1, "must be >= 1 (or null)"),
+    "loss.masks.num_sample_points": (lambda v: v is None or v >= 1, "must be >= 1 (or null for dense)"),
     "prompts.num_negative_points": (lambda v: v >= 0, "must be >= 0"),
     "prompts.negatives_per_image": (lambda v: v >= 0, "must be >= 0"),
+    "prompts.positives_per_image": (lambda v: v is None or v >= 1, "must be >= 1 (or null for all)"),
+    "scratch.hflip_prob": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "model.mask_dim": (lambda v: v >= 1, "must be >= 1"),
+    "model.stem_channels": (lambda v: v >= 1, "must be >= 1"),
     "model.num_queries": (lambda v: v >= 1, "must be >= 1"),
     "model.d_model": (lambda v: v >= 8, "must be >= 8"),
     "nan_guard.max_consecutive": (lambda v: v >= 1, "must be >= 1"),
@@ -311,6 +342,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.tolerance_px": (lambda v: v >= 0, "must be >= 0"),
     "min_loaded_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "data.synth_cases": (lambda v: v >= 3, "must be >= 3 (one patient per split at least)"),
+    "data.convert_size": (lambda v: v is None or 16 <= v <= 8192, "must be 16..8192 px (or null to keep)"),
 }
 # Every loss weight and focal parameter must be non-negative; alphas lie in [0, 1].
 for _section in dataclasses.fields(LossConfig):
@@ -325,6 +357,9 @@ for _section in dataclasses.fields(LossConfig):
 for _name in ("cost_class", "cost_bbox", "cost_giou", "gamma"):
     _CHECKS[f"matcher.{_name}"] = (lambda v: v >= 0, "must be >= 0")
 _CHECKS["matcher.alpha"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+# Tighter than the generic loss checks above (must come after them).
+_CHECKS["loss.masks.oversample_ratio"] = (lambda v: v >= 1 and math.isfinite(v), "must be >= 1")
+_CHECKS["loss.masks.importance_sample_ratio"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------
