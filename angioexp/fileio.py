@@ -50,6 +50,10 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             raise InputError(f"output already exists (pass --overwrite to replace it): {final}")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp creates 0700; give the result the permissions a plain mkdir would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
     except BaseException:
