@@ -229,6 +229,7 @@ class ModelConfig:
     use_view_conditioning: bool = True
     stem_channels: int = 8  # full-resolution encoder features (the finest skip of the pixel decoder)
     mask_dim: int = 16  # per-pixel embedding width that query embeddings are dotted with
+    mask_guided_boxes: bool = True  # box = the query's mask extent, refined by the box head
     num_views: int = 0  # 0: derived from angioexp.prompts.views.VIEW_CLASSES
 
 
@@ -559,6 +560,35 @@ def validate(cfg: Config, source: str | None = None) -> Config:
     return cfg
 
 
+# Defaults that differ by backend (added by the sam3 backend): SAM3's own fine-tuning recipe
+# (roboflow_v100_full_ft_100_images.yaml). Applied by load_config to keys the YAML file and the
+# overrides leave unset, so an explicit value always means the same thing in both backends.
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sam3": {
+        "scratch.resolution": 1008,  # the ViT's native size (the core default 256 is not a multiple of 336)
+        "scratch.train_batch_size": 1,
+        "scratch.val_batch_size": 1,
+        "scratch.lr_scale": 0.1,
+        "scratch.scheduler_warmup": 20,
+        "scratch.scheduler_timescale": 20,
+        "scratch.scheduler_cooldown": 20,
+        "o2m.enabled": True,  # SAM3 always decodes one-to-many (DAC) queries; o2m_weight 2
+    },
+}
+
+
+def _mapping_keys(data, prefix: str = ""):
+    """Dotted keys of the leaves of a loaded YAML mapping."""
+    if not isinstance(data, dict):
+        return
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            yield from _mapping_keys(value, key + ".")
+        else:
+            yield key
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -568,6 +598,8 @@ def load_config(
 ) -> Config:
     """Defaults ← YAML file ← explicit stage/backend ← ``key=value`` overrides; then validate.
 
+    Keys neither the file nor an override sets take the backend's defaults (``BACKEND_DEFAULTS``).
+
     Stage 2 gets ``init_from = models:/angio-stage1@champion`` unless the file or an override
     sets it (``init_from=none`` starts from scratch on purpose).
     """
@@ -575,6 +607,7 @@ def load_config(
     keys = all_keys()
     source = str(path) if path else None
     explicit_init = False
+    explicit: set[str] = set()  # keys the file or an override set (backend defaults skip them)
     if path:
         p = Path(path)
         if not p.is_file():
@@ -585,6 +618,7 @@ def load_config(
             raise ConfigError(f"not valid YAML: {exc}", file=p) from None
         _apply_mapping(cfg, data, "", source, keys)
         explicit_init = isinstance(data, dict) and "init_from" in data
+        explicit |= set(_mapping_keys(data))
     if stage is not None:
         set_value(cfg, "stage", stage, "--stage")
     if backend is not None:
@@ -593,6 +627,10 @@ def load_config(
         key, value = parse_override(text)
         set_value(cfg, key, value, "--set")
         explicit_init = explicit_init or key == "init_from"
+        explicit.add(key.strip())
+    for key, value in BACKEND_DEFAULTS.get(cfg.backend, {}).items():
+        if key not in explicit:
+            set_value(cfg, key, value, f"backend {cfg.backend} default")
     if cfg.stage == 2 and not explicit_init and cfg.init_from is None:
         cfg.init_from = STAGE1_INIT_DEFAULT
     if isinstance(cfg.init_from, str) and cfg.init_from.strip().lower() in ("", "none", "scratch"):

@@ -1,0 +1,275 @@
+"""SAM3's ``Trainer`` with angioexp's NaN-guard semantics instead of ``FloatingPointError``.
+
+SAM3's ``Trainer._run_step`` raises ``FloatingPointError`` on the first non-finite loss and the
+run dies (with AMP, non-finite *gradients* are silently skipped by the GradScaler instead).
+:class:`GuardedTrainer` applies :mod:`angioexp.train.nan_guard` — the same rules as the core
+backend:
+
+* a non-finite loss or gradient norm → the step is **skipped** (gradients dropped, so the
+  optimizer leaves every weight alone) and counted (``train/nan_events``);
+* snapshots are taken when a step's loss and gradients are finite — before SAM3's loop applies
+  that step's update, so the model and optimizer state in a snapshot always belong together;
+* ``nan_guard.max_consecutive`` bad steps in a row → **restore** the last good snapshot and
+  multiply every learning rate by ``nan_guard.lr_backoff`` (compounding);
+* more than ``nan_guard.max_restores`` restores → ``TrainingDiverged`` (the launcher reports the
+  step, LR and event history to the parent, which prunes the trial).
+
+It also logs ``train/grad_norm`` and ``train/lr`` (the transformer LR, the largest group) and
+puts val metrics on the optimizer-step axis. ``nan_guard.snapshot_every: 0`` disables
+snapshots (then K bad steps in a row end the run): a snapshot of SAM3's model and AdamW state
+is ~10 GB of host memory, which a small CPU machine does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from sam3.train.trainer import Trainer
+
+from angioexp.config import NanGuardConfig
+from angioexp.train.nan_guard import NanGuard
+
+log = logging.getLogger(__name__)
+
+
+class Sam3NanGuard(NanGuard):
+    """The shared guard; ``snapshot_every <= 0`` turns the (large) in-memory snapshots off."""
+
+    def good_step(self, step: int) -> None:
+        if self.cfg.snapshot_every <= 0:
+            self.consecutive = 0
+            self._good_steps += 1
+            return
+        super().good_step(step)
+
+
+class GuardedTrainer(Trainer):
+    """``sam3.train.trainer.Trainer`` + NaN guard + DESIGN §6 step metrics.
+
+    Extra keyword arguments (all others are SAM3's):
+        nan_guard: ``NanGuardConfig`` fields.
+        events_path: JSON lines for the parent process (NaN events are appended here).
+        loss_hook: dotted path of ``f(loss, step) -> loss`` applied to every training loss
+            (tests inject NaN with it); None in normal runs.
+    """
+
+    def __init__(self, *, nan_guard: dict | None = None, events_path: str | None = None, loss_hook: str | None = None, **kwargs):
+        self.nan_guard_cfg = NanGuardConfig(**(nan_guard or {}))
+        self.events_path = Path(events_path) if events_path else None
+        self.loss_hook = _resolve(loss_hook) if loss_hook else None
+        self.guard: Sam3NanGuard | None = None
+        self.last_grad_norm: float | None = None
+        super().__init__(**kwargs)
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _construct_optimizers(self):
+        super()._construct_optimizers()
+        self._install_guard()
+
+    def _install_guard(self) -> None:
+        self.guard = Sam3NanGuard(self.nan_guard_cfg, self.model, self.optim.optimizer)
+        # The LR backoff multiplies whatever SAM3's schedulers set, at every step.
+        scheduled = self.optim.step_schedulers
+
+        def step_schedulers(where: float, step: int) -> None:
+            scheduled(where, step)
+            factor = self.guard.lr_factor if self.guard is not None else 1.0
+            if factor != 1.0:
+                for group in self.optim.optimizer.param_groups:
+                    group["lr"] *= factor
+
+        self.optim.step_schedulers = step_schedulers
+
+    def _setup_components(self):
+        super()._setup_components()
+        self.scaler = SkippableScaler(self.scaler)
+        # Tell the parent the model is built, with the init load report (if weights were loaded).
+        report_path = self.model_conf.get("report_path") if self.model_conf.get("checkpoint") else None
+        report = json.loads(Path(report_path).read_text(encoding="utf-8")) if report_path and Path(report_path).exists() else None
+        params = sum(p.numel() for p in self.model.parameters())
+        self._write_event({"kind": "init", "report": report, "parameters": params, "max_epochs": self.max_epochs})
+
+    def _setup_ddp_distributed_training(self, distributed_conf, accelerator):
+        super()._setup_ddp_distributed_training(distributed_conf, accelerator)
+        if self.guard is not None:
+            self.guard.model = self.model  # snapshot/restore through the DDP wrapper
+
+    # --- one training step --------------------------------------------------------------------
+
+    def _run_step(self, batch, phase, loss_mts, extra_loss_mts, raise_on_error: bool = True):
+        """Forward/backward as SAM3, but a non-finite loss or gradient skips the step."""
+        if phase != "train":
+            return super()._run_step(batch, phase, loss_mts, extra_loss_mts, raise_on_error)
+        self.optim.zero_grad(set_to_none=True)
+        batches = batch if self.gradient_accumulation_steps > 1 else [batch]
+        step = self.steps[phase]
+        for i, chunk in enumerate(batches):
+            sync = self.model.no_sync() if i < len(batches) - 1 else _nullcontext()
+            with sync:
+                with torch.amp.autocast(
+                    device_type=self.device.type,
+                    enabled=self.optim_conf.amp.enabled and self.device.type == "cuda",
+                    dtype=_amp_dtype(self.optim_conf.amp.amp_dtype),
+                ):
+                    loss_dict, batch_size, extra_losses = self._step(chunk, self.model, phase)
+                (loss_key, loss), = loss_dict.items()
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(loss, step)
+                if not self.guard.finite(loss, self.device):
+                    self._bad_step(step, "loss", f"loss {float(loss.detach()):.4g}")
+                    return
+                self.scaler.scale(loss).backward()
+                loss_mts[loss_key].update(loss.item(), batch_size)
+                for key, value in extra_losses.items():
+                    if key not in extra_loss_mts:
+                        from sam3.train.utils.train_utils import AverageMeter
+
+                        extra_loss_mts[key] = AverageMeter(key, self.device, ":.2e")
+                    extra_loss_mts[key].update(value.item(), batch_size)
+
+        grad_norm = _grad_norm(self.model) / max(float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0, 1e-30)
+        if not self.guard.finite(grad_norm, self.device):
+            self._bad_step(step, "grad", f"grad norm {grad_norm}")
+            return
+        self.last_grad_norm = grad_norm
+        self.guard.good_step(step)
+        if step % self.logging_conf.log_scalar_frequency == 0:
+            lr = max(g["lr"] for g in self.optim.optimizer.param_groups)
+            self.logger.log("train/grad_norm", grad_norm, step)
+            self.logger.log("train/lr", lr, step)
+            self.logger.log("train/peak_mem_gb", _peak_memory_gb(self.device), step)
+            for key, value in self.guard.metrics().items():
+                self.logger.log(key, value, step)
+
+    def _bad_step(self, step: int, kind: str, detail: str) -> None:
+        """Drop this step's gradients (the optimizer then changes nothing) and apply the guard."""
+        try:
+            event = self.guard.bad_step(step, kind, detail)  # may restore, or raise TrainingDiverged
+        finally:
+            self.optim.zero_grad(set_to_none=True)
+            skip = getattr(self.scaler, "skip_next_step", None)
+            if skip is not None:
+                skip()
+            self._write_event({"kind": "nan", "step": step, "event": self.guard.history[-1].__dict__ if self.guard.history else {}})
+        for key, value in self.guard.metrics().items():
+            self.logger.log(key, value, step)
+        log.warning("step %d skipped (%s): %s", step, kind, event.action)
+
+    # --- val metrics on the optimizer-step axis ----------------------------------------------------
+
+    def _writer(self):
+        return getattr(self.logger, "tb_logger", None)
+
+    def train_epoch(self, train_loader):
+        out = super().train_epoch(train_loader)
+        # the peak after the epoch's last optimizer step (AdamW state included)
+        self.logger.log("train/peak_mem_gb", _peak_memory_gb(self.device), max(self.steps["train"] - 1, 0))
+        writer = self._writer()
+        if writer is not None and hasattr(writer, "step_for_epoch_logs"):
+            writer.step_for_epoch_logs = self.steps["train"]
+        return out
+
+    def run_val(self):
+        writer = self._writer()
+        if writer is not None and hasattr(writer, "step_for_epoch_logs"):
+            writer.step_for_epoch_logs = self.steps["train"]
+        return super().run_val()
+
+    def run(self):
+        try:
+            super().run()
+            self._write_event({"kind": "end", "step": self.steps["train"], "epoch": self.epoch})
+        finally:
+            writer = self._writer()
+            if writer is not None and hasattr(writer, "close"):
+                writer.close()
+
+    def _write_event(self, event: dict) -> None:
+        if self.events_path is None or self.distributed_rank != 0:
+            return
+        with open(self.events_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event, default=str) + "\n")
+
+
+class SkippableScaler:
+    """A ``GradScaler`` whose next ``unscale_``/``step``/``update`` can be skipped.
+
+    SAM3's loop always calls ``scaler.unscale_``, ``scaler.step`` and ``scaler.update`` after
+    ``_run_step``. With AMP on, ``GradScaler.step`` asserts when a step has no gradients, so a
+    skipped step must bypass the scaler, not just drop the gradients.
+    """
+
+    def __init__(self, scaler):
+        self._scaler = scaler
+        self._skip = False
+
+    def skip_next_step(self) -> None:
+        self._skip = True
+
+    def unscale_(self, optimizer):
+        if not self._skip:
+            return self._scaler.unscale_(optimizer)
+
+    def step(self, optimizer, *args, **kwargs):
+        if not self._skip:
+            return self._scaler.step(optimizer, *args, **kwargs)
+
+    def update(self, *args, **kwargs):
+        if self._skip:
+            self._skip = False  # the step is over
+            return None
+        return self._scaler.update(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._scaler, name)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated (GB) on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    from angioexp.backends.sam3.cpu import peak_rss_gb
+
+    return peak_rss_gb()
+
+
+def _amp_dtype(name: str):
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _resolve(dotted: str):
+    import importlib
+
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def nan_every_step(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook: every training loss becomes NaN."""
+    return loss * math.nan
+
+
+def nan_at_first_step(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook: the first step's loss is NaN, later ones are untouched."""
+    return loss * math.nan if step == 0 else loss

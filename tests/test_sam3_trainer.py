@@ -1,0 +1,162 @@
+"""GuardedTrainer: SAM3's trainer step with angioexp's NaN-guard semantics.
+
+The trainer's step methods run on a tiny model (SAM3's Optimizer, GradScaler, GradientClipper
+and AverageMeter are the real ones), in the order SAM3's ``train_epoch`` calls them: _run_step,
+step_schedulers, scaler.unscale_, clip, scaler.step, scaler.update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sam3", reason="needs the sam3 package (run with /work/venv-sam3/bin/python -m pytest -m sam3)")
+import torch  # noqa: E402
+from sam3.train.optim.optimizer import GradientClipper, Optimizer  # noqa: E402
+from sam3.train.trainer import Trainer  # noqa: E402
+from sam3.train.utils.train_utils import AverageMeter  # noqa: E402
+
+from angioexp.backends.sam3.trainer import GuardedTrainer, SkippableScaler  # noqa: E402
+from angioexp.config import NanGuardConfig  # noqa: E402
+from angioexp.errors import TrainingDiverged  # noqa: E402
+
+pytestmark = pytest.mark.sam3
+LOSS_KEY = "Losses/train_all_loss"
+BASE_LR = 0.1
+
+
+class Recorder:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, name, value, step):
+        self.logged.append((name, float(value), step))
+
+
+def make_trainer(tmp_path, *, nan_steps=(), amp_scaler=False, skippable=True, **guard):
+    """A GuardedTrainer around a 4→1 linear model whose loss is NaN at ``nan_steps``."""
+    t = object.__new__(GuardedTrainer)
+    torch.manual_seed(0)
+    t.model = torch.nn.Linear(4, 1)
+    t.device = torch.device("cpu")
+    t.steps = {"train": 0, "val": 0}
+    t.gradient_accumulation_steps = 1
+    t.optim_conf = SimpleNamespace(amp=SimpleNamespace(enabled=False, amp_dtype="bfloat16"))
+    t.logging_conf = SimpleNamespace(log_scalar_frequency=1)
+    t.logger = Recorder()
+    t.distributed_rank = 0
+    t.events_path = tmp_path / "events.jsonl"
+    t.loss_hook = None
+    t.nan_guard_cfg = NanGuardConfig(**{"max_consecutive": 2, "lr_backoff": 0.5, "max_restores": 2, "snapshot_every": 1, **guard})
+    t.optim = Optimizer(torch.optim.SGD(t.model.parameters(), lr=BASE_LR), schedulers=[{"lr": lambda where: BASE_LR}])
+    t._install_guard()
+    scaler = torch.amp.GradScaler("cpu", enabled=amp_scaler)
+    t.scaler = SkippableScaler(scaler) if skippable else scaler
+    x = torch.randn(8, 4)
+
+    def step(batch, model, phase):  # SAM3's Trainer._step: loss dict, batch size, extra losses
+        k = t.steps[phase]
+        t.steps[phase] += 1
+        loss = model(x).pow(2).mean()
+        return {LOSS_KEY: loss * math.nan if k in nan_steps else loss}, 8, {"Losses/train_all_loss_mask": loss.detach()}
+
+    t._step = step
+    return t
+
+
+def sam3_step(t, run_step=None):
+    """One iteration of SAM3's train_epoch after _run_step (trainer.py, the 'Optimizer step' part)."""
+    loss_mts = {LOSS_KEY: AverageMeter(LOSS_KEY, t.device, ":.2e")}
+    (run_step or t._run_step)(None, "train", loss_mts, {})
+    t.optim.step_schedulers(0.5, t.steps["train"])
+    t.scaler.unscale_(t.optim.optimizer)
+    GradientClipper(max_norm=0.1)(model=t.model)
+    t.scaler.step(t.optim.optimizer)
+    t.scaler.update()
+
+
+def weights(t):
+    return [p.detach().clone() for p in t.model.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_sam3_trainer_dies_on_a_nan_loss(tmp_path):
+    t = make_trainer(tmp_path, nan_steps={0})
+    with pytest.raises(FloatingPointError):
+        sam3_step(t, run_step=lambda *a: Trainer._run_step(t, *a))
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path):
+    t = make_trainer(tmp_path, nan_steps={1})
+    sam3_step(t)  # good
+    before = weights(t)
+    sam3_step(t)  # NaN: skipped
+    assert same(before, weights(t)) and t.guard.events == 1
+    sam3_step(t)  # good again: training goes on
+    assert not same(before, weights(t))
+    assert ("train/nan_events", 1.0, 1) in t.logger.logged
+    event = json.loads(t.events_path.read_text().splitlines()[0])
+    assert event["kind"] == "nan" and event["step"] == 1 and event["event"]["action"] == "skip"
+
+
+def test_skip_with_amp_needs_the_skippable_scaler(tmp_path):
+    plain = make_trainer(tmp_path, nan_steps={1}, amp_scaler=True, skippable=False)
+    sam3_step(plain)
+    with pytest.raises(AssertionError, match="No inf checks"):
+        sam3_step(plain)  # GradScaler.step on a step without gradients
+    guarded = make_trainer(tmp_path, nan_steps={0}, amp_scaler=True)
+    before = weights(guarded)
+    sam3_step(guarded)
+    sam3_step(guarded)
+    assert guarded.guard.events == 1 and not same(before, weights(guarded))
+
+
+def test_consecutive_nans_restore_and_back_off(tmp_path):
+    t = make_trainer(tmp_path, nan_steps={2, 3})
+    sam3_step(t)
+    snapshot = weights(t)  # the next good step snapshots these weights (before its own update)
+    sam3_step(t)
+    with torch.no_grad():  # drift the weights so that a restore is visible
+        t.model.weight.add_(1.0)
+    sam3_step(t)  # NaN 1: skip
+    sam3_step(t)  # NaN 2: restore + LR × 0.5
+    assert t.guard.restores == 1 and same(snapshot, weights(t))
+    t.optim.step_schedulers(0.5, 4)
+    assert t.optim.optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * 0.5)
+    actions = [json.loads(line)["event"]["action"] for line in t.events_path.read_text().splitlines()]
+    assert actions == ["skip", "restore"]
+
+
+def test_too_many_restores_diverge(tmp_path):
+    t = make_trainer(tmp_path, nan_steps=set(range(1, 100)), max_restores=1)
+    sam3_step(t)
+    with pytest.raises(TrainingDiverged) as info:
+        for _ in range(10):
+            sam3_step(t)
+    assert info.value.events == 4 and info.value.step == 4 and info.value.lr == pytest.approx(BASE_LR * 0.5)
+
+
+def test_no_snapshots_means_diverged_after_k(tmp_path):
+    t = make_trainer(tmp_path, nan_steps={1, 2}, snapshot_every=0)
+    sam3_step(t)
+    sam3_step(t)
+    with pytest.raises(TrainingDiverged):
+        sam3_step(t)
+
+
+def test_non_finite_gradient_is_skipped(tmp_path):
+    t = make_trainer(tmp_path)
+    sam3_step(t)
+    handle = t.model.weight.register_hook(lambda g: g * math.inf)
+    before = weights(t)
+    sam3_step(t)
+    handle.remove()
+    assert same(before, weights(t)) and t.guard.history[-1].kind == "grad"
+    names = {name for name, _, _ in t.logger.logged}
+    assert {"train/grad_norm", "train/lr", "train/peak_mem_gb"} <= names
