@@ -230,11 +230,12 @@ def summary_of(study: optuna.Study) -> dict:
 
 
 def _plotly_script(mode: str) -> str:
-    import plotly
     from plotly.offline import get_plotlyjs
+    from plotly.offline.offline import get_plotlyjs_version
 
     if mode == "cdn":
-        return f'<script src="https://cdn.plot.ly/plotly-{plotly.__version__}.min.js" charset="utf-8"></script>'
+        # the CDN file is versioned by plotly.js, not by the plotly Python package
+        return f'<script src="https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js" charset="utf-8"></script>'
     return f'<script type="text/javascript">{get_plotlyjs()}</script>'
 
 
