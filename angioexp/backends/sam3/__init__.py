@@ -1,10 +1,12 @@
 """The ``sam3`` training backend: Meta's SAM3 trainer, run from an angioexp config.
 
 Modules: ``config_gen`` (angioexp Config → SAM3 Hydra config), ``model`` (points, matcher,
-resolution, text-encoder init), ``weights`` (BPE vocabulary, verified checkpoint loading),
-``trainer`` (NaN guard), ``writer`` (live MLflow scalars), ``transforms`` (centreline point
-prompts), ``cpu`` (CPU shims), ``launch`` (one subprocess per run), ``run`` (``train_sam3``),
-``doctor`` (``angioexp doctor``: pitfalls of an existing SAM3 config), ``gpu_check``.
+resolution, text-encoder init), ``act_ckpt`` (checkpoint recomputes that match their forward;
+the ``sam3.activation_checkpointing`` switch), ``weights`` (BPE vocabulary, verified checkpoint
+loading), ``trainer`` (NaN guard), ``writer`` (live MLflow scalars), ``transforms`` (centreline
+point prompts), ``cpu`` (CPU shims), ``launch`` (one subprocess per run), ``run``
+(``train_sam3``), ``doctor`` (``angioexp doctor``: pitfalls of an existing SAM3 config),
+``gpu_check``.
 
 Only ``doctor`` works without the ``sam3`` package installed.
 """

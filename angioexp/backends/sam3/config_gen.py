@@ -48,7 +48,9 @@ VAL_KEY = "angio"  # dict_key of the validation collate function and meter group
 CHANGES = [
     "model: angioexp.backends.sam3.model.build_sam3_model — point prompts reach the geometry "
     "encoder; matcher.* drives one-to-one matching; ViT RoPE rebuilt for scratch.resolution; "
-    "text-encoder positional_embedding/text_projection initialised; checkpoint loaded with a "
+    "text-encoder positional_embedding/text_projection initialised; text-encoder attention "
+    "kernels pinned so activation-checkpoint recomputes match (sam3.activation_checkpointing "
+    "switches it off); checkpoint loaded with a "
     "verified report (fails below min_loaded_fraction); load_from_HF never used",
     "trainer: angioexp.backends.sam3.trainer.GuardedTrainer — NaN guard (skip / restore + LR "
     "backoff / diverged) instead of FloatingPointError",
@@ -378,6 +380,7 @@ def build(
                 "resolution": "${scratch.resolution}",
                 "enable_segmentation": "${scratch.enable_segmentation}",
                 "matcher": matcher,
+                "activation_checkpointing": cfg.sam3.activation_checkpointing,
                 "checkpoint": checkpoint,
                 "min_loaded_fraction": cfg.min_loaded_fraction,
                 "report_path": str(out_dir / "init_report.json"),

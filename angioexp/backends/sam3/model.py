@@ -2,7 +2,7 @@
 
 ``build_sam3_model`` is the Hydra ``_target_`` of ``trainer.model`` in the generated SAM3
 config. It assembles the model from SAM3's own component builders (``sam3.model_builder``)
-and changes four things that SAM3's ``build_sam3_image_model`` does silently:
+and changes five things that SAM3's ``build_sam3_image_model`` does silently:
 
 1. **Point prompts reach the geometry encoder.** ``Sam3Image.forward`` prints "Point prompts
    are ignored in PCS" and hands only boxes to the geometry encoder.
@@ -18,6 +18,12 @@ and changes four things that SAM3's ``build_sam3_image_model`` does silently:
    ``positional_embedding`` and ``text_projection`` with ``torch.empty``; a random-weight build
    trains on whatever was in memory. They get CLIP's initialisation (Radford et al. 2021:
    N(0, 0.01²) and N(0, width⁻¹)).
+5. **Activation-checkpoint recomputes match their forward.** The text encoder's blocks choose
+   their attention kernel inside an ``sdpa_kernel`` block that the backward-pass recompute is
+   outside of; on an H100 the two picked different kernels and the first backward raised
+   ``CheckpointError``. The blocks now pin SAM3's kernel list themselves, and
+   ``activation_checkpointing=False`` switches checkpointing off model-wide
+   (:mod:`angioexp.backends.sam3.act_ckpt`).
 
 Weights (vanilla ``sam3.pt``, a trainer checkpoint or a registered model) are loaded with a
 verified :class:`~angioexp.checkpoints.LoadReport` (:mod:`angioexp.backends.sam3.weights`).
@@ -174,9 +180,11 @@ DEFAULT_MATCHER = {"focal": True, "cost_class": 2.0, "cost_bbox": 5.0, "cost_gio
 
 
 def build_components(bpe_path: str, resolution: int, enable_segmentation: bool) -> dict:
-    """SAM3's own component builders; the ViT's RoPE resized, the text encoder initialised."""
+    """SAM3's own component builders; the ViT's RoPE resized, the text encoder initialised and
+    its attention kernels pinned (checkpoint recomputes match the forward)."""
     from sam3 import model_builder as mb
 
+    from angioexp.backends.sam3.act_ckpt import pin_text_attention_kernels
     from angioexp.backends.sam3.cpu import cpu_shims
 
     # SAM3's decoder and position encoding pre-compute caches with device="cuda".
@@ -186,6 +194,7 @@ def build_components(bpe_path: str, resolution: int, enable_segmentation: bool) 
         transformer = mb._create_sam3_transformer()
     resize_vit_rope(vision.trunk, resolution)
     init_text_encoder(text)
+    pin_text_attention_kernels(text)
     return {
         "backbone": mb._create_vl_backbone(vision, text),
         "transformer": transformer,
@@ -220,6 +229,7 @@ def build_sam3_model(
     resolution: int = SAM3_NATIVE_RESOLUTION,
     enable_segmentation: bool = True,
     matcher: dict | None = None,
+    activation_checkpointing: bool = True,
     checkpoint: str | None = None,
     min_loaded_fraction: float = 0.9,
     report_path: str | None = None,
@@ -232,17 +242,21 @@ def build_sam3_model(
         resolution: input size in px, a multiple of 336.
         enable_segmentation: build the mask head.
         matcher: ``BinaryHungarianMatcherV2`` kwargs for one-to-one matching (None: SAM3's).
+        activation_checkpointing: recompute activations in the backward pass (SAM3's default);
+            False keeps them (more memory, less compute).
         checkpoint: vanilla ``sam3.pt``, a trainer checkpoint or a ``models:/`` URI.
         min_loaded_fraction: fail (``CheckpointLoadError``) below this fraction of tensors loaded.
         report_path: where to write the load report JSON (the launcher reads it back).
         eval_mode: no matcher (inference only).
     """
+    from angioexp.backends.sam3.act_ckpt import set_activation_checkpointing
     from angioexp.backends.sam3.weights import find_bpe_vocab, load_sam3_weights
 
     check_resolution(resolution)
     components = build_components(str(find_bpe_vocab(bpe_path)), resolution, enable_segmentation)
     model = assemble_model(components, matcher=None if eval_mode else (matcher or DEFAULT_MATCHER))
     model.angioexp_resolution = resolution
+    set_activation_checkpointing(model, activation_checkpointing)
 
     if checkpoint:
         report = load_sam3_weights(model, checkpoint, min_loaded_fraction=min_loaded_fraction)
