@@ -1,0 +1,173 @@
+"""Predictions of a core model on a COCO split, and their evaluation.
+
+    preds = predict_split("runs/x/checkpoints/best.pt", coco_dir, "val")   # COCO results, RLE masks
+    metrics, artifacts = evaluate_split(model, coco_dir, "val", cfg=cfg, out_dir=…)
+
+Every (image, category) pair is one text-prompted find query on the whole image at
+``scratch.resolution``; each of its Q object queries becomes one COCO result with
+score = sigmoid(class logit) × sigmoid(presence logit) — SAM3's scoring — and its mask logits
+upsampled to the image's original size and thresholded at ``eval.mask_threshold``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from angioexp.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MIN_SCORE = 0.01  # results below this cannot change AP meaningfully; dropping them keeps files small
+
+
+def _load_model(checkpoint_or_model, cfg, device):
+    """(model, cfg) from an nn.Module (+ cfg) or a checkpoint path (its stored config rebuilds it)."""
+    if isinstance(checkpoint_or_model, torch.nn.Module):
+        if cfg is None:
+            raise ValueError("predicting with a model object needs its cfg")
+        return checkpoint_or_model, cfg
+    from angioexp.checkpoints import extract_state_dict, load_state_with_report, read_checkpoint
+    from angioexp.model.build import build_model
+
+    payload = read_checkpoint(checkpoint_or_model)
+    if cfg is None:
+        stored = payload.get("config") if isinstance(payload, dict) else None
+        if not isinstance(stored, dict):
+            from angioexp.errors import InputError
+
+            raise InputError("checkpoint has no 'config' entry; pass cfg=", file=checkpoint_or_model)
+        from angioexp.train.checkpoint import config_from_dict
+
+        cfg = config_from_dict(stored, source=checkpoint_or_model)
+    model = build_model(cfg)
+    load_state_with_report(model, extract_state_dict(payload), source=str(checkpoint_or_model), min_loaded_fraction=1.0)
+    return model.to(device), cfg
+
+
+def _encode(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+@torch.no_grad()
+def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold: float = 0.5, min_score: float = MIN_SCORE) -> list[dict]:
+    """One evaluation batch → COCO results (one per object query with score ≥ ``min_score``)."""
+    out = model(batch.images, batch.queries)
+    scores = out["pred_logits"][..., 0].float().sigmoid() * out["presence_logit_dec"].float().sigmoid()  # (B, Q)
+    logit_threshold = math.log(mask_threshold / (1 - mask_threshold))
+    results = []
+    img_idx = batch.queries.img_idx.tolist()
+    for b, category_id in enumerate(batch.category_ids):
+        keep = (scores[b] >= min_score).nonzero(as_tuple=True)[0]
+        if keep.numel() == 0:
+            continue
+        slot = img_idx[b]
+        logits = out["pred_masks"][b, keep].float()  # (k, S, S)
+        if tuple(logits.shape[-2:]) != tuple(sizes[slot]):
+            logits = F.interpolate(logits[:, None], size=sizes[slot], mode="bilinear", align_corners=False)[:, 0]
+        masks = (logits > logit_threshold).cpu().numpy()
+        for q, mask in zip(keep.tolist(), masks):
+            if not mask.any():
+                continue
+            results.append({
+                "image_id": int(batch.image_ids[slot]),
+                "category_id": int(category_id),
+                "segmentation": _encode(mask),
+                "score": float(scores[b, q]),
+            })
+    return results
+
+
+def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, device: str = "cpu", cfg=None,
+                  image_ids: list[int] | None = None, categories: list[dict] | None = None) -> list[dict]:
+    """COCO segmentation results for every image of ``coco_dir/split`` (RLE masks, SAM3 scores)."""
+    from angioexp.model.build import resolved_num_views
+    from angioexp.train.data import EvalSet
+
+    device = torch.device(device)
+    model, cfg = _load_model(checkpoint_or_model, cfg, device)
+    was_training = model.training
+    model.eval()
+    data = EvalSet(coco_dir, cfg, split, num_views=resolved_num_views(cfg), image_ids=image_ids, categories=categories)
+    results: list[dict] = []
+    autocast = device.type == "cuda" and cfg.optim.amp.enabled
+    dtype = torch.bfloat16 if cfg.optim.amp.amp_dtype == "bfloat16" else torch.float16
+    try:
+        for batch, sizes in data.batches(cfg.scratch.val_batch_size):
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                results.extend(predict_batch(model, batch.to(device), sizes, mask_threshold=cfg.eval.mask_threshold))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def ground_truth_path(coco_dir: str | Path, split: str, cfg) -> Path:
+    """Clean labels (annotations_gt.json) when the data has them and ``data.use_clean_val_labels``."""
+    split_dir = Path(coco_dir) / split
+    clean = split_dir / "annotations_gt.json"
+    if cfg.data.use_clean_val_labels and clean.is_file():
+        return clean
+    return split_dir / "annotations.json"
+
+
+def _subset(gt_path: Path, max_images: int | None) -> tuple[dict | Path, list[int] | None]:
+    """The first ``max_images`` images of a ground truth (ids in file order), as a dict."""
+    if max_images is None:
+        return gt_path, None
+    import json
+
+    data = json.loads(gt_path.read_text(encoding="utf-8"))
+    images = data["images"][:max_images]
+    ids = {im["id"] for im in images}
+    subset = dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    return subset, [im["id"] for im in images]
+
+
+def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg=None, out_dir: str | Path | None = None,
+                   device: str = "cpu", gt=None, max_images: int | None = None):
+    """Predict and score a split with :func:`angioexp.evaluate.evaluate_predictions`.
+
+    Returns (metrics with a "val/" prefix, EvalArtifacts). With ``out_dir``: predictions.json,
+    metrics.json, per_image.csv, per_category.csv and overlays/ are written there. ``gt``: an
+    already-loaded :class:`angioexp.evaluate.GroundTruth` to reuse (skeletons are cached in it).
+    """
+    from angioexp.evaluate import evaluate_predictions, load_ground_truth
+    from angioexp.train.callbacks import EvalArtifacts
+
+    model, cfg = _load_model(checkpoint_or_model, cfg, torch.device(device))
+    gt_path = ground_truth_path(coco_dir, split, cfg)
+    source, image_ids = _subset(gt_path, max_images)
+    if gt is None:
+        gt = load_ground_truth(source)
+    t0 = time.perf_counter()
+    categories = [gt.categories[c] for c in sorted(gt.categories)]
+    preds = predict_split(model, coco_dir, split, device=device, cfg=cfg, image_ids=image_ids or list(gt.images), categories=categories)
+    predict_s = time.perf_counter() - t0
+    out_dir = Path(out_dir) if out_dir is not None else None
+    overlays = out_dir / "overlays" if out_dir is not None and cfg.eval.overlays > 0 else None
+    result = evaluate_predictions(
+        gt, preds, tolerance_px=cfg.eval.tolerance_px, score_threshold=cfg.eval.score_threshold,
+        overlays_dir=overlays, images_dir=Path(coco_dir) / split / "images", max_overlays=cfg.eval.overlays,
+    )
+    metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
+    metrics["val/predict_seconds"] = predict_s
+    metrics["val/images_per_s"] = len(gt.images) / predict_s if predict_s > 0 else float("nan")
+    artifacts = EvalArtifacts()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result.write(out_dir)
+        write_json_atomic(out_dir / "predictions.json", preds, indent=None)
+        artifacts = EvalArtifacts(
+            metrics_json=out_dir / "metrics.json", per_image_csv=out_dir / "per_image.csv",
+            overlays_dir=overlays, predictions_json=out_dir / "predictions.json",
+        )
+    return metrics, artifacts, gt
