@@ -1,0 +1,75 @@
+"""MLproject entry points → ``angioexp`` commands.
+
+MLproject parameters always have a value; an optional one defaults to the empty string. This
+shim drops empty options, expands ``--overrides "a=1 b=2"`` into ``--set a=1 --set b=2`` and
+``--extra "..."`` into raw arguments, then runs the ``angioexp`` command in-process — so the
+run that ``mlflow run`` created (``MLFLOW_RUN_ID``) is the run the command logs into.
+
+    python -m angioexp.tracking.mlproject train --stage 1 --backend core --config '' --overrides ''
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+# MLproject option → angioexp flag, per entry point ("" keeps the name)
+RENAMES = {
+    "train": {"--init_from": "--init-from", "--budget_minutes": "--budget-minutes", "--max_steps": "--max-steps"},
+    "sweep": {"--n_trials": "--n-trials"},
+    "promote": {"--from_alias": "--from-alias"},
+}
+COMMANDS = {"prepare", "train", "evaluate", "sweep", "promote", "dashboard"}
+
+
+def to_argv(entry: str, argv: list[str]) -> list[str]:
+    """MLproject-style ``--key value`` pairs → the angioexp command line."""
+    if entry not in COMMANDS:
+        raise SystemExit(f"unknown entry point {entry!r} (expected one of {sorted(COMMANDS)})")
+    out = [entry]
+    overrides: list[str] = []
+    extra: list[str] = []
+    flags: list[str] = []
+    i = 0
+    while i < len(argv):
+        key = argv[i]
+        if not key.startswith("--"):
+            raise SystemExit(f"expected --option value, got {key!r}")
+        if i + 1 >= len(argv):
+            raise SystemExit(f"option {key} has no value")
+        value = argv[i + 1].strip()
+        i += 2
+        if value == "":
+            continue  # optional parameter left at its default
+        if key == "--overrides":
+            overrides += shlex.split(value.replace(";", " "))  # "a=1 b=[1,3]" or "a=1; b=2"
+        elif key == "--extra":
+            extra += shlex.split(value)
+        elif key == "--checkpoint" and entry == "train":
+            overrides.append(f"sam3.checkpoint={value}")  # vanilla SAM3 weights for backend sam3
+        elif value.lower() in ("true", "false") and key in ("--register", "--no_tracking"):
+            if value.lower() == "true":
+                flags.append(key.replace("_", "-"))
+        else:
+            out += [RENAMES.get(entry, {}).get(key, key.replace("_", "-")), value]
+    for override in overrides:  # `angioexp train --set` takes one KEY=VALUE per flag
+        out += ["--set", override]
+    return out + flags + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        raise SystemExit("usage: python -m angioexp.tracking.mlproject ENTRY [--key value ...]")
+    command = to_argv(argv[0], argv[1:])
+    if command[0] == "sweep":
+        from angioexp.sweep.__main__ import main as sweep_main
+
+        return int(sweep_main(command[1:]) or 0)
+    from angioexp.cli import main as cli_main
+
+    return cli_main(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Where runs go: the tracking URI, the artifact root, experiments, and an up-front reachability check.
+
+Defaults (DESIGN §6): ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
+Artifacts of experiments created here go under ``ANGIOEXP_ARTIFACT_ROOT``, else
+``<cwd>/mlartifacts`` (MLflow 3 no longer accepts a plain file store by default, so the SQLite
+store needs an explicit artifact root next to it). Remote servers choose their own artifact
+store unless ``ANGIOEXP_ARTIFACT_ROOT`` is set explicitly.
+
+    uri = configure_mlflow()              # sets mlflow's tracking URI, returns it
+    check_tracking_server(uri)            # InputError in seconds, not minutes of HTTP retries
+    experiment_id = ensure_experiment("angioexp-stage1")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from angioexp.errors import InputError
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+# MLflow's own HTTP client retries for minutes with back-off; the check below answers first.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or an absolute SQLite path in the current directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{(Path.cwd() / DEFAULT_DB).resolve()}"
+
+
+def artifact_root() -> Path:
+    """Folder under which experiments we create keep their artifacts."""
+    return Path(os.environ.get("ANGIOEXP_ARTIFACT_ROOT") or Path.cwd() / DEFAULT_ARTIFACTS).resolve()
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https", "databricks")
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def configure_mlflow(uri: str | None = None) -> str:
+    """Point mlflow (fluent API and new clients) at ``uri`` or :func:`tracking_uri`; return it."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_tracking_server(uri: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast with a one-line error when the tracking store cannot be used.
+
+    http(s): the server's ``/health`` endpoint must answer within ``timeout``. sqlite: the
+    database's folder must exist and be writable (SQLite creates the file itself).
+    """
+    uri = uri or tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as exc:
+            raise InputError(
+                f"tracking server {uri} is unreachable ({type(exc).__name__}); start it "
+                "(mlflow server --host 127.0.0.1 ...) or unset MLFLOW_TRACKING_URI",
+                key="MLFLOW_TRACKING_URI",
+            ) from None
+        if response.status_code != 200:
+            raise InputError(f"tracking server {uri} answered HTTP {response.status_code} on /health", key="MLFLOW_TRACKING_URI")
+    elif parsed.scheme == "sqlite":
+        db_path = uri[len("sqlite:///"):]  # sqlite:////abs.db → /abs.db; sqlite:///rel.db → rel.db
+        if db_path and db_path != ":memory:":
+            folder = Path(db_path).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise InputError(f"folder of the SQLite tracking store does not exist: {folder}", key="MLFLOW_TRACKING_URI")
+            if not os.access(folder, os.W_OK):
+                raise InputError(f"folder of the SQLite tracking store is not writable: {folder}", key="MLFLOW_TRACKING_URI")
+    elif parsed.scheme in ("", "file"):
+        raise InputError(
+            f"'{uri}' is a plain file store, which MLflow 3 no longer uses by default; "
+            "use sqlite:///mlflow.db or an http(s) tracking server",
+            key="MLFLOW_TRACKING_URI",
+        )
+
+
+def ensure_experiment(name: str, client=None) -> str:
+    """Id of experiment ``name``, creating it (artifacts under :func:`artifact_root`) if needed.
+
+    Safe against a concurrent creator (sweep workers): a lost race re-reads the winner's id.
+    A deleted experiment of that name is an error (MLflow would refuse to log into it).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if _is_local(client.tracking_uri) or os.environ.get("ANGIOEXP_ARTIFACT_ROOT"):
+            location = (artifact_root() / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # another process created it between our lookup and create
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise InputError(
+            f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}) or choose another tracking.experiment",
+            key="tracking.experiment",
+        )
+    return experiment.experiment_id
