@@ -22,6 +22,47 @@ RENAMES = {
 COMMANDS = {"prepare", "train", "evaluate", "sweep", "promote", "dashboard"}
 
 
+def run_main_job(argv: list[str]) -> int:
+    """The ``main`` entry point: Stage 1 → Stage 2 (from Stage 1's champion) → dashboards.
+
+    Each step is its own process and its own MLflow run (in ``angioexp-stage1`` /
+    ``angioexp-stage2`` / ``angioexp-dashboards``); the launcher run that ``mlflow run`` made is
+    only tagged with their ids, so that no step logs into it.
+    """
+    import os
+    import subprocess
+
+    overrides = ""
+    if argv[:1] == ["--overrides"] and len(argv) > 1:
+        overrides = argv[1]
+    env = dict(os.environ)
+    launcher = env.pop("MLFLOW_RUN_ID", None)
+    extra = [a for o in shlex.split(overrides.replace(";", " ")) for a in ("--set", o)]
+    steps = [
+        ["train", "--stage", "1", *extra],
+        ["train", "--stage", "2", *extra],
+        ["dashboard"],
+    ]
+    for step in steps:
+        print(f"[angioexp main] angioexp {' '.join(step)}", flush=True)
+        code = subprocess.call([sys.executable, "-m", "angioexp", *step], env=env)
+        if code != 0:
+            print(f"[angioexp main] step failed with exit code {code}: angioexp {' '.join(step)}", file=sys.stderr)
+            return code
+    if launcher:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for stage in (1, 2):
+            runs = client.search_runs(
+                [client.get_experiment_by_name(f"angioexp-stage{stage}").experiment_id],
+                order_by=["attributes.start_time DESC"], max_results=1,
+            )
+            if runs:
+                client.set_tag(launcher, f"angioexp.stage{stage}_run", runs[0].info.run_id)
+    return 0
+
+
 def to_argv(entry: str, argv: list[str]) -> list[str]:
     """MLproject-style ``--key value`` pairs → the angioexp command line."""
     if entry not in COMMANDS:
@@ -61,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         raise SystemExit("usage: python -m angioexp.tracking.mlproject ENTRY [--key value ...]")
+    if argv[0] == "main":
+        return run_main_job(argv[1:])
     command = to_argv(argv[0], argv[1:])
     if command[0] == "sweep":
         from angioexp.sweep.__main__ import main as sweep_main
