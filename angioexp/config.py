@@ -238,6 +238,16 @@ class ModelConfig:
     mask_guided_boxes: bool = True  # box = the query's mask extent, refined by the box head
     semantic_mask_base: bool = False  # instance mask logits = semantic mask + query term (Stage 2 aid; small gain in a 300-step probe)
     num_views: int = 0  # 0: derived from angioexp.prompts.views.VIEW_CLASSES
+    # Experimental Stage 2 aids, off by default (the benchmarked defaults were measured without
+    # them; a 150-step 256² Stage 2 probe with both on gave mean per-segment Dice 0.19 at score
+    # ≥ 0.05, 0.0 at 0.5 — not yet shown better). context_layers: global self-attention layers
+    # over the stride-16 image tokens, fed back into the pixel decoder so per-pixel embeddings see
+    # the whole tree. region_masks: mask logits += a coarse prompt-conditioned region map
+    # (query · stride-16 memory, upsampled): "which segment" from global context, thin shape from
+    # the fine embedding. Their output projections start at zero; a Stage 1 checkpoint without
+    # them loads with these parameters reported as missing.
+    context_layers: int = 0
+    region_masks: bool = False
 
 
 @dataclass
@@ -346,6 +356,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.mask_dim": (lambda v: v >= 1, "must be >= 1"),
     "model.stem_channels": (lambda v: v >= 1, "must be >= 1"),
     "model.num_queries": (lambda v: v >= 1, "must be >= 1"),
+    "model.context_layers": (lambda v: v >= 0, "must be >= 0"),
     "model.d_model": (lambda v: v >= 8, "must be >= 8"),
     "nan_guard.max_consecutive": (lambda v: v >= 1, "must be >= 1"),
     "nan_guard.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),

@@ -184,3 +184,28 @@ def test_semantic_mask_base_starts_every_instance_mask_from_the_semantic_mask():
         out = model(images, _queries((1,)))
     assert out["semantic_seg"].shape == (1, 1, 32, 32)
     torch.testing.assert_close(out["pred_masks"], out["semantic_seg"].expand_as(out["pred_masks"]))
+
+
+def test_region_masks_start_as_the_fine_term_and_learn_from_the_first_step():
+    """model.region_masks + model.context_layers: zero-initialised, so the model starts as the plain
+    per-pixel mask and a Stage 1 checkpoint without them continues unchanged; both get gradients."""
+    cfg = _cfg("model.region_masks=true", "model.context_layers=1", "model.num_queries=3")
+    model = build_model(cfg)
+    heads = model.transformer.heads
+    images = torch.randint(0, 255, (2, 1, 64, 48), dtype=torch.uint8)
+    queries = _queries((1, 2))
+    out = model(images, queries)
+    assert out["pred_masks"].shape == (3, 3, 64, 48)
+    _, memory, _ = model.encode_images(images)  # memory (2, 4*3, D): stride 16
+    region = heads.region(heads.region_embed(torch.randn(3, 3, cfg.model.d_model)), memory[queries.img_idx], (64 // 16, 48 // 16), (64, 48))
+    assert torch.count_nonzero(region) == 0  # zero-initialised output layer
+    loss = out["pred_masks"].sigmoid().mean() + out["semantic_seg"].sigmoid().mean()
+    loss.backward()
+    assert heads.region_embed.layers[-1].weight.grad.abs().sum() > 0
+    assert model.transformer.context_to_pixels.weight.grad.abs().sum() > 0
+    # a checkpoint of the plain model loads into it, with exactly the new parameters missing
+    plain = build_model(_cfg("model.num_queries=3")).state_dict()
+    result = build_model(cfg).load_state_dict(plain, strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(k.startswith(("transformer.context", "transformer.heads.region", "transformer.heads.semantic_region"))
+                                       for k in result.missing_keys)

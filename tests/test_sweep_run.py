@@ -214,7 +214,10 @@ def _assert_exact_budget(trials, n_trials: int, killed: int) -> None:
     dead = {t.number: t for t in trials}[killed]
     assert dead.state == TrialState.FAIL and "failure" not in dead.user_attrs
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retry) == 1 and retry[0].state.is_finished() and retry[0].params == dead.params
+    assert len(retry) == 1 and retry[0].state.is_finished()
+    # A worker killed mid-suggest leaves a partial parameter set; the retry re-uses every value the
+    # dead trial had drawn (RetryFailedTrialCallback enqueues them) and samples the rest.
+    assert {k: retry[0].params[k] for k in dead.params} == dead.params
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_mlproject_declares_every_entry_point():
     project = yaml.safe_load((REPO_ROOT / "MLproject").read_text())
-    assert set(project["entry_points"]) == {"prepare", "train", "evaluate", "sweep", "promote", "dashboard"}
+    assert set(project["entry_points"]) == {"main", "prepare", "train", "evaluate", "sweep", "promote", "dashboard"}
     train = project["entry_points"]["train"]["parameters"]
     assert {"stage", "backend", "config", "overrides", "init_from", "budget_minutes", "checkpoint", "max_steps"} <= set(train)
     assert all(p["type"] == "string" for p in train.values())

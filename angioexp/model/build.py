@@ -31,6 +31,8 @@ def build_model(cfg) -> CoreModel:
             use_view_conditioning=m.use_view_conditioning,
             mask_guided_boxes=m.mask_guided_boxes,
             semantic_mask_base=m.semantic_mask_base,
+            context_layers=m.context_layers,
+            region_masks=m.region_masks,
         )
     # channels-last lets oneDNN run the small convolutions ~2× faster on CPU (measured).
     return model.to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ from angioexp.model.encoder import ImageEncoder
 from angioexp.model.heads import Heads, ViewHead
 from angioexp.model.pixel_decoder import PixelDecoder
 from angioexp.model.prompt_encoder import PromptEncoder, grid_positions, sine_embed
-from angioexp.model.query_decoder import PromptFusion, QueryDecoder
+from angioexp.model.query_decoder import ContextEncoder, PromptFusion, QueryDecoder
 
 # Fixed intensity normalisation for 8-bit angiograms (inference and training must agree, and a
 # per-crop statistic would differ between a training crop and the whole image at eval).
@@ -50,13 +50,20 @@ class Transformer(nn.Module):
     """Everything SAM3 trains at ``lr_transformer``: pixel decoder, fusion, decoder, heads."""
 
     def __init__(self, encoder: ImageEncoder, d_model: int, num_heads: int, num_layers: int, num_queries: int, mask_dim: int, num_views: int,
-                 mask_guided_boxes: bool = True):
+                 mask_guided_boxes: bool = True, context_layers: int = 0, region_masks: bool = False):
         super().__init__()
         self.pixel_decoder = PixelDecoder(encoder.channels, encoder.stem_channels, mask_dim)
         self.memory_proj = nn.Linear(encoder.channels[-1], d_model)
+        if context_layers:
+            self.context = ContextEncoder(d_model, num_heads, context_layers)
+            # Global context back into the CNN's coarsest map, so that the pixel decoder's
+            # top-down path carries it to every pixel embedding. Starts at zero (a plain U-Net).
+            self.context_to_pixels = nn.Linear(d_model, encoder.channels[-1])
+            nn.init.zeros_(self.context_to_pixels.weight)
+            nn.init.zeros_(self.context_to_pixels.bias)
         self.fusion = PromptFusion(d_model, num_heads)
         self.decoder = QueryDecoder(d_model, num_heads, num_layers, num_queries)
-        self.heads = Heads(d_model, mask_dim, mask_guided_boxes)
+        self.heads = Heads(d_model, mask_dim, mask_guided_boxes, region_masks)
         self.view_head = ViewHead(encoder.channels[-1], num_views)
 
 
@@ -86,6 +93,8 @@ class CoreModel(nn.Module):
         use_view_conditioning: bool = True,
         mask_guided_boxes: bool = True,
         semantic_mask_base: bool = False,
+        context_layers: int = 0,
+        region_masks: bool = False,
     ):
         super().__init__()
         self.semantic_mask_base = semantic_mask_base
@@ -94,7 +103,7 @@ class CoreModel(nn.Module):
         self.vision_backbone = ImageEncoder(encoder_channels, stem_channels)
         self.language_backbone = PromptEncoder(vocab_size, d_model, num_views, use_view_conditioning)
         self.transformer = Transformer(self.vision_backbone, d_model, num_heads, decoder_layers, num_queries, mask_dim, num_views,
-                                       mask_guided_boxes)
+                                       mask_guided_boxes, context_layers, region_masks)
         self.d_model = d_model
 
     @property
@@ -103,13 +112,23 @@ class CoreModel(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(I, 1, H, W) → pixel_embed (I, M, H, W), memory (I, h*w, D), coarse (I, C, h, w)."""
+        t = self.transformer
         x = (images.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
         x = x.contiguous(memory_format=torch.channels_last)
         feats = self.vision_backbone(x)
-        pixel_embed = self.transformer.pixel_decoder(feats)
         coarse = feats[-1]
-        memory = self.transformer.memory_proj(coarse.flatten(2).transpose(1, 2))  # (I, h*w, D)
+        memory = t.memory_proj(coarse.flatten(2).transpose(1, 2))  # (I, h*w, D)
+        if hasattr(t, "context"):
+            hc, wc = coarse.shape[-2:]
+            memory = t.context(memory, self.memory_pos(hc, wc, memory.device))
+            context = t.context_to_pixels(memory).transpose(1, 2).reshape(coarse.shape)
+            feats = [*feats[:-1], coarse + context.contiguous(memory_format=torch.channels_last)]
+        pixel_embed = t.pixel_decoder(feats)
         return pixel_embed, memory, coarse
+
+    def memory_pos(self, h: int, w: int, device) -> torch.Tensor:
+        """Sine positions of the h×w stride-16 tokens: (h*w, D)."""
+        return sine_embed(grid_positions(h, w, device=device), self.d_model)
 
     def forward(self, images: torch.Tensor, queries: FindQueries) -> dict:
         h, w = images.shape[-2:]
@@ -126,18 +145,19 @@ class CoreModel(nn.Module):
             queries.text_ids, queries.point_coords, queries.point_labels, queries.boxes, queries.box_valid, queries.views[idx]
         )
         hc, wc = coarse.shape[-2:]
-        memory_pos = sine_embed(grid_positions(hc, wc, device=memory.device), self.d_model)  # (L, D)
+        memory_pos = self.memory_pos(hc, wc, memory.device)  # (L, D)
         query_memory = t.fusion(memory[idx], memory_pos, prompt, prompt_pad)  # (B, L, D)
         layer_tokens = t.decoder(prompt, prompt_pad, query_memory, memory_pos)
+        region = {"memory": query_memory, "memory_hw": (hc, wc)}
         # Optionally every instance mask starts from its find query's semantic mask, which needs no
         # matching and so learns fast; the query term then only carves out its instance.
-        base = t.heads.semantic(layer_tokens[-1], pixel_embed, idx) if self.semantic_mask_base else None
-        outputs = t.heads(layer_tokens[-1], pixel_embed, idx, semantic=base is None, mask_base=base)
+        base = t.heads.semantic(layer_tokens[-1], pixel_embed, idx, **region) if self.semantic_mask_base else None
+        outputs = t.heads(layer_tokens[-1], pixel_embed, idx, semantic=base is None, mask_base=base, **region)
         if base is not None:
             outputs["semantic_seg"] = base
         # Deep supervision only while training: at inference the earlier layers would cost a
         # full-resolution (B, Q, H, W) mask tensor each for nothing.
-        outputs["aux_outputs"] = [t.heads(tok, pixel_embed, idx, semantic=False, mask_base=base)
+        outputs["aux_outputs"] = [t.heads(tok, pixel_embed, idx, semantic=False, mask_base=base, **region)
                                   for tok in layer_tokens[:-1]] if self.training else []
         outputs["view_logits"] = t.view_head(coarse)
         return outputs

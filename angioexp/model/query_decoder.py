@@ -1,4 +1,9 @@
-"""Prompt→image fusion and the DETR-style query decoder with a presence token.
+"""Global image context, prompt→image fusion and the DETR-style query decoder with a presence token.
+
+``ContextEncoder`` (DETR's / SAM3's encoder self-attention, reduced): the stride-16 image tokens
+attend to each other with positional keys. A CNN's receptive field sees a piece of vessel; the
+segment it belongs to ("mid" vs "proximal" LAD, a diagonal vs the LAD) is decided by where that
+piece sits in the whole tree, which only a global operation can see.
 
 ``PromptFusion`` (SAM3's encoder, reduced to one layer): the coarse image tokens of each find
 query attend to that query's prompt tokens, so "mid LAD" and "distal LAD" see different memory.
@@ -25,6 +30,36 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class ContextLayer(nn.Module):
+    """Pre-norm self-attention + FFN over image tokens: (I, L, D), pos (L, D) → (I, L, D)."""
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, 2 * d_model)
+
+    def forward(self, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(memory)
+        q = x + pos
+        memory = memory + self.self_attn(q, q, x, need_weights=False)[0]
+        return memory + self.ffn(self.norm2(memory))
+
+
+class ContextEncoder(nn.Module):
+    """``num_layers`` ContextLayers: image tokens (I, L, D), pos (L, D) → (I, L, D)."""
+
+    def __init__(self, d_model: int, num_heads: int, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([ContextLayer(d_model, num_heads) for _ in range(num_layers)])
+
+    def forward(self, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            memory = layer(memory, pos)
+        return memory
 
 
 class PromptFusion(nn.Module):

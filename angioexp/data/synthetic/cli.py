@@ -11,7 +11,7 @@ from angioexp.errors import InputError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--cases", type=int, required=True, help="number of cases (acquisitions), ≥ 3")
-    parser.add_argument("--seed", type=int, required=True, help="random seed; same seed → identical bytes")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed → identical bytes")
     parser.add_argument("--size", type=int, default=512, help="frame size in px, multiple of 16 in 128–1024 (default 512)")
     parser.add_argument("--frames", type=int, default=16, help="frames per cine (default 16)")
     parser.add_argument("--preview", action="store_true", help="also write preview.png (contact sheet)")
