@@ -500,42 +500,10 @@ def test_sweep_trial_runs_can_be_chosen_by_experiment(dash_store, tmp_path):
 
 def test_dashboards_read_through_an_mlflow_server_too(dash_store, built, tmp_path):
     """Any tracking URI: the same pages from a real `mlflow server` on 127.0.0.1 over REST."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import time
+    from tracking_store import mlflow_server
 
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", dash_store.uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
+    with mlflow_server(dash_store.uri) as base:
         result = _build(dash_store, tmp_path / "dash", tracking_uri=base, log_to_mlflow=False, max_versions=1)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
     local, remote = read(built.out / "registry.html"), read(result.pages["registry.html"])
     for name in ("angio-stage1", "angio-stage2"):  # same versions, aliases, metrics
         strip = [[c["text"] for c in row] for row in tables(local)[f"versions-{name}"]]

@@ -7,12 +7,6 @@ SQLite tracking store, a real ``mlflow server`` on 127.0.0.1 for the REST part.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +16,7 @@ mlflow = pytest.importorskip("mlflow")
 torch = pytest.importorskip("torch")
 
 from angioexp.config import load_config  # noqa: E402
+from tracking_store import mlflow_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -140,34 +135,10 @@ def test_stage1_then_stage2_read_back_through_the_client(two_stages, tmp_path):
     assert predictions["segmentation"].iloc[0]["size"] == list(np.asarray(Image.open(image_path)).shape)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_server_serves_the_runs_over_rest(two_stages):
     import requests
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", two_stages.uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
-
+    with mlflow_server(two_stages.uri) as base:
         experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 100}, timeout=30).json()
         ids = {e["name"]: e["experiment_id"] for e in experiments["experiments"]}
         runs = requests.post(f"{base}/api/2.0/mlflow/runs/search",
@@ -187,10 +158,3 @@ def test_mlflow_server_serves_the_runs_over_rest(two_stages):
         # the client pointed at the server sees the same registry
         client = mlflow.MlflowClient(base)
         assert str(client.get_model_version_by_alias("angio-stage1", "champion").version) == "1"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()

@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 
 from angioexp.data.index import read_index
-from angioexp.data.schema import REQUIRED_COLUMNS
+from angioexp.data.schema import REQUIRED_COLUMNS, SPLITS
 from angioexp.errors import InputError
+from angioexp.fileio import write_json_atomic
 
 IMAGE_SUFFIXES = (".png", ".pgm", ".tif", ".tiff", ".npy", ".bmp", ".jpg", ".jpeg")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -66,8 +67,9 @@ def read_gray(path: Path) -> np.ndarray:
         raise InputError(f"not a readable image: {exc}", file=path) from None
 
 
-def write_study(out: Path, rows: list[dict]) -> Path:
-    """Write ``index.csv`` for ``rows`` (dicts with index columns) and validate the study."""
+def write_study(out: Path, rows: list[dict], report: dict | None = None) -> Path:
+    """Write ``index.csv`` for ``rows`` (dicts with index columns) and validate the study; with
+    ``report``, add the per-split counts to it and write it as ``manifest.json``."""
     columns = list(REQUIRED_COLUMNS)
     for row in rows:
         for key in row:
@@ -79,4 +81,7 @@ def write_study(out: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     read_index(csv_path)  # an importer must never hand convert an invalid study
+    if report is not None:
+        report["counts"] = {split: sum(row["split"] == split for row in rows) for split in SPLITS}
+        write_json_atomic(out / "manifest.json", report)
     return csv_path

@@ -37,7 +37,7 @@ from pycocotools import mask as mask_utils
 from angioexp.data.importers import read_gray, safe_case_id, write_study
 from angioexp.data.schema import SPLITS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, resolve_under, write_json_atomic
+from angioexp.fileio import atomic_dir, resolve_under
 from angioexp.segments import BY_SYNTAX
 
 log = logging.getLogger(__name__)
@@ -208,9 +208,7 @@ def import_arcade(root: str | Path, out_dir: str | Path, *, split_map: str | dic
                 rows += _import_split(syntax / source, target, tmp, report)
         if not rows:
             raise InputError("no annotated image imported", file=syntax)
-        write_study(tmp, rows)
-        report["counts"] = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-        write_json_atomic(tmp / "manifest.json", report)
+        write_study(tmp, rows, report)
     log.info("imported %d ARCADE images → %s", len(rows), out_dir)
     return Path(out_dir) / "index.csv"
 

@@ -28,7 +28,7 @@ from angioexp.data.importers import IMAGE_SUFFIXES, read_gray, safe_case_id, wri
 from angioexp.data.index import ASPECT_TOLERANCE
 from angioexp.data.schema import SPLITS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, write_json_atomic
+from angioexp.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,7 @@ def import_masks(
             log.warning("%d empty mask(s) skipped: %s", len(report["empty_masks"]), report["empty_masks"][:5])
         if not rows:
             raise InputError("every paired mask is empty", file=masks_dir)
-        write_study(tmp, rows)
-        report["counts"] = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-        write_json_atomic(tmp / "manifest.json", report)
+        write_study(tmp, rows, report)
     log.info("imported %d image/mask pairs → %s", len(rows), out_dir)
     return Path(out_dir) / "index.csv"
 
