@@ -37,7 +37,9 @@ def machine_line() -> str:
         torch_v, threads = "n/a", "n/a"
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, torch {torch_v} ({threads} threads)"
+        f"Python {platform.python_version()}, torch {torch_v} ({threads} threads), "
+        # Other jobs on the same cores skew absolute speeds; the load average says whether they ran.
+        f"load average {os.getloadavg()[0]:.1f} at the end"
     )
 
 
