@@ -42,7 +42,7 @@ def test_unknown_config_key_suggests_the_nearest(tmp_path, coco, capsys):
 
 def test_out_of_range_values_are_rejected_before_training(tmp_path, coco, capsys):
     for bad, key in (("scratch.lr_scale=0", "scratch.lr_scale"), ("prompts.num_points=[3,1]", "prompts.num_points"),
-                     ("scratch.hflip_prob=2", "scratch.hflip_prob")):
+                     ("scratch.hflip_prob=2", "scratch.hflip_prob"), ("model.context_layers=-1", "model.context_layers")):
         assert main(["train", "--no-tracking", "--coco-dir", str(coco), "--out", str(tmp_path / "r"), "--set", bad]) == 2
         assert key in capsys.readouterr().err
 

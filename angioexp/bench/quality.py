@@ -53,23 +53,24 @@ def benchmark_config(stage: int, cache_dir: Path, out_dir: Path, *extra: str, qu
 def train_and_score(cfg, *, split: str = "test", init_checkpoint=None) -> dict:
     """Train with ``cfg``; score the best checkpoint on ``split`` (clean truth when present)."""
     from angioexp.pipeline import prepare
-    from angioexp.train.inference import evaluate_split, ground_truth_path
+    from angioexp.train.inference import evaluate_split
     from angioexp.train.loop import train
 
     coco = Path(prepare(cfg.data, cfg.stage))
     result = train(cfg, coco_dir=coco, init_checkpoint=init_checkpoint)
     checkpoint = result.best_checkpoint or result.checkpoint
     t0 = time.perf_counter()
-    metrics, artifacts, _ = evaluate_split(checkpoint, coco, split, out_dir=Path(cfg.train.out_dir) / f"final_{split}",
+    metrics, artifacts, gt = evaluate_split(checkpoint, coco, split, out_dir=Path(cfg.train.out_dir) / f"final_{split}",
                                    device=cfg.train.device if cfg.train.device != "auto" else "cpu")
-    low = _rescore(artifacts.predictions_json, ground_truth_path(coco, split, cfg), LOW_SCORE_THRESHOLD) if cfg.stage == 2 else {}
+    low = _rescore(artifacts.predictions_json, gt, LOW_SCORE_THRESHOLD) if cfg.stage == 2 else {}
     return {"metrics": metrics, "low_threshold": low, "steps": result.steps, "train_minutes": result.wall_seconds / 60,
             "eval_seconds": time.perf_counter() - t0, "checkpoint": checkpoint, "coco": coco,
             "reason": result.stopped_reason}
 
 
-def _rescore(predictions_json: Path | None, gt_json: Path, threshold: float) -> dict:
-    """The same predictions scored with a lower score threshold for Dice (Stage 2 diagnostic)."""
+def _rescore(predictions_json: Path | None, gt, threshold: float) -> dict:
+    """The same predictions scored with a lower score threshold for Dice (Stage 2 diagnostic);
+    ``gt``: the GroundTruth evaluate_split already loaded (its skeletons are cached)."""
     import json
 
     from angioexp.evaluate import evaluate_predictions
@@ -77,7 +78,7 @@ def _rescore(predictions_json: Path | None, gt_json: Path, threshold: float) -> 
     if predictions_json is None:
         return {}
     preds = json.loads(Path(predictions_json).read_text())
-    return evaluate_predictions(gt_json, preds, score_threshold=threshold).metrics
+    return evaluate_predictions(gt, preds, score_threshold=threshold).metrics
 
 
 def ceiling(coco: Path, split: str = "test") -> dict:
