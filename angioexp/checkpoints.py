@@ -28,10 +28,14 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, absent from the model
     shape_mismatched: list[str] = field(default_factory=list)  # same name, different shape (skipped)
     skipped_by_rule: list[str] = field(default_factory=list)  # dropped on purpose (e.g. RoPE buffers)
+    # missing on purpose: modules the model adds on top of the source (zero-initialised, so the
+    # model starts as the source did); left out of the loaded fraction's denominator
+    new_by_design: list[str] = field(default_factory=list)
 
     @property
     def loaded_fraction(self) -> float:
-        return len(self.loaded) / self.model_tensors if self.model_tensors else 0.0
+        expected = self.model_tensors - len(self.new_by_design)
+        return len(self.loaded) / expected if expected > 0 else 0.0
 
     def as_params(self, prefix: str = "init") -> dict[str, str | int | float]:
         """Flat values for MLflow params (counts and the loaded fraction)."""
@@ -42,6 +46,7 @@ class LoadReport:
             f"{prefix}.unexpected": len(self.unexpected),
             f"{prefix}.shape_mismatched": len(self.shape_mismatched),
             f"{prefix}.skipped_by_rule": len(self.skipped_by_rule),
+            f"{prefix}.new_by_design": len(self.new_by_design),
             f"{prefix}.model_tensors": self.model_tensors,
             f"{prefix}.loaded_fraction": round(self.loaded_fraction, 4),
         }
@@ -53,9 +58,10 @@ class LoadReport:
 
     def summary(self) -> str:
         return (
-            f"loaded {len(self.loaded)}/{self.model_tensors} tensors ({self.loaded_fraction:.1%}) from {self.source}; "
+            f"loaded {len(self.loaded)}/{self.model_tensors - len(self.new_by_design)} tensors ({self.loaded_fraction:.1%}) from {self.source}; "
             f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
             f"shape-mismatched {len(self.shape_mismatched)}, skipped {len(self.skipped_by_rule)}"
+            + (f", new by design {len(self.new_by_design)} (not in the source, start at their init)" if self.new_by_design else "")
         )
 
 
@@ -89,11 +95,14 @@ def load_state_with_report(
     min_loaded_fraction: float = 0.0,
     skip=lambda name: False,
     rename=lambda name: name,
+    new_by_design=lambda name: False,
 ) -> LoadReport:
     """Copy matching tensors of ``state`` into ``model``; never raise on partial fits.
 
     ``rename`` maps checkpoint names to model names (e.g. strip a ``detector.`` prefix);
-    ``skip(name)`` drops tensors on purpose (counted separately). Fails with
+    ``skip(name)`` drops tensors on purpose (counted separately); a model tensor the source
+    lacks and ``new_by_design(name)`` accepts is reported apart from ``missing`` and does not
+    count against the loaded fraction. Fails with
     :class:`CheckpointLoadError` when the loaded fraction is below ``min_loaded_fraction`` —
     and then the model is left untouched.
     """
@@ -116,7 +125,9 @@ def load_state_with_report(
             continue
         to_load[name] = tensor
     report.loaded = sorted(to_load)
-    report.missing = sorted(n for n in own if n not in seen)
+    absent = sorted(n for n in own if n not in seen)
+    report.new_by_design = [n for n in absent if new_by_design(n)]
+    report.missing = [n for n in absent if not new_by_design(n)]
     if report.loaded_fraction < min_loaded_fraction:
         raise CheckpointLoadError(
             f"refusing to start from {source}: {report.summary()} — below the required "

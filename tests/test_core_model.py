@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from angioexp.checkpoints import load_state_with_report
 from angioexp.config import load_config
+from angioexp.errors import CheckpointLoadError
 from angioexp.model.build import build_model, count_parameters
 from angioexp.model.core import FindQueries
 from angioexp.model.prompt_encoder import UNK, PromptTokenizer
@@ -203,9 +205,22 @@ def test_region_masks_start_as_the_fine_term_and_learn_from_the_first_step():
     loss.backward()
     assert heads.region_embed.layers[-1].weight.grad.abs().sum() > 0
     assert model.transformer.context_to_pixels.weight.grad.abs().sum() > 0
-    # a checkpoint of the plain model loads into it, with exactly the new parameters missing
+    # a checkpoint of the plain model loads into it, with exactly the new parameters missing —
+    # reported as new by design, so they do not count against min_loaded_fraction
     plain = build_model(_cfg("model.num_queries=3")).state_dict()
     result = build_model(cfg).load_state_dict(plain, strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(k.startswith(("transformer.context", "transformer.heads.region", "transformer.heads.semantic_region"))
                                        for k in result.missing_keys)
+    target = build_model(cfg)
+    report = load_state_with_report(target, plain, source="plain.pt", min_loaded_fraction=1.0, new_by_design=target.is_optional_addition)
+    assert sorted(report.new_by_design) == sorted(result.missing_keys) and report.missing == []
+    assert report.loaded_fraction == 1.0 and "new by design" in report.summary()
+    # without the rule the same load is refused (the new tensors would count as missing)
+    with pytest.raises(CheckpointLoadError, match="min_loaded_fraction"):
+        load_state_with_report(build_model(cfg), plain, source="plain.pt", min_loaded_fraction=0.99)
+    # a tensor missing for another reason still counts
+    partial = {k: v for k, v in plain.items() if not k.startswith("transformer.heads.class_embed")}
+    report = load_state_with_report(build_model(cfg), partial, source="p.pt", new_by_design=target.is_optional_addition)
+    assert report.missing == ["transformer.heads.class_embed.bias", "transformer.heads.class_embed.weight"]
+    assert report.loaded_fraction < 1.0

@@ -140,6 +140,28 @@ def test_crashing_trials_fail_with_their_error_and_the_study_goes_on(coco_stage1
         assert t.values is None
 
 
+def test_the_pruner_can_watch_another_metric_than_the_objective(coco_stage1, tmp_path):
+    # Tolerant AP75 is 0 for every trial early on (ties are never pruned); Dice moves at once.
+    space = write_space(tmp_path / "watch.yaml", """
+        study: watch
+        objective: val/AP75_tol
+        pruner: {name: median, n_startup_trials: 5, metric: val/dice}
+        params:
+          scratch.lr_scale: {type: float, low: 0.3, high: 3.0, log: true}
+    """, steps=4, eval_every=2, extra_fixed="eval.score_threshold: 0.0\neval.mask_threshold: 0.02")  # Dice > 0 after 4 steps
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert main(["--space", str(space), "--storage", storage, "--coco-dir", str(coco_stage1),
+                 "--out", str(tmp_path / "runs"), "--n-trials", "2", "--no-tracking"]) == 0
+    trials = _trials(storage, "watch")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for t in trials:
+        final = t.user_attrs["metrics"]
+        assert sorted(t.intermediate_values) == [2, 4]
+        assert t.intermediate_values[4] == pytest.approx(final["val/dice"])  # what the pruner saw
+        assert t.value == pytest.approx(final["val/AP75_tol"])  # what the study optimises
+    assert any(t.intermediate_values[4] != t.value for t in trials), [t.intermediate_values for t in trials]
+
+
 def test_oom_is_classified_apart_from_crashes():
     assert is_oom(MemoryError())
     assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))

@@ -80,6 +80,11 @@ def test_shipped_spaces_load_and_cover_the_researchers_values():
         ("objective: [{metric: val/AP75_tol, direction: up}]\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "objective[0].direction", "maximize"),
         ("objective: [val/AP75_tol, val/cldice]\npruner: median\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.name", "multi-objective"),
         ("pruner: {name: hyperband, reduction: 3}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.reduction", "reduction_factor"),
+        ("pruner: {name: median, metric: val/dcie}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "val/dice"),
+        ("pruner: {name: wilcoxon, metric: val/dice}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "per-image Dice"),
+        ("pruner: {name: median, metric: train/loss}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "validation metric"),
+        ("objective: {metric: train/loss, direction: minimize}\npruner: {name: median, metric: val/dice}\nparams:\n"
+         "  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "maximised objective"),
         ("sampler: {name: cmaes}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "sampler.name", "tpe"),
         ("stage: 3\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "stage", "1 or 2"),
         ("pramas:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pramas", "params"),

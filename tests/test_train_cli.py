@@ -51,3 +51,21 @@ def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert main(["train", "--no-tracking", "--resume", str(tmp_path / "empty")]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_stage_defaults_apply_only_where_nothing_was_said(tmp_path):
+    from angioexp.config import load_config
+
+    s1, s2 = load_config(stage=1), load_config(stage=2)
+    assert (s1.scratch.resolution, s1.scratch.crop_size) == (512, 256)
+    assert (s2.scratch.resolution, s2.scratch.crop_size) == (256, None)  # core Stage 2: whole frames
+    assert (s1.model.context_layers, s1.model.region_masks) == (0, False)
+    assert (s2.model.context_layers, s2.model.region_masks) == (2, True)
+    # an explicit value wins, from an override or from the file (stage set in the file too)
+    assert load_config(stage=2, overrides=["scratch.crop_size=128"]).scratch.crop_size == 128
+    path = tmp_path / "s2.yaml"
+    path.write_text("stage: 2\nscratch:\n  resolution: 512\n", encoding="utf-8")
+    from_file = load_config(path)
+    assert (from_file.scratch.resolution, from_file.scratch.crop_size) == (512, None)
+    # the sam3 backend keeps its own (SAM3's) defaults in Stage 2
+    assert load_config(stage=2, backend="sam3").scratch.resolution == 1008

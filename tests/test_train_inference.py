@@ -36,7 +36,8 @@ def test_predict_split_from_a_checkpoint_gives_valid_coco_results(trained):
         assert mask.shape == (64, 64) and mask.any()
 
 
-def test_scores_are_class_times_presence_as_in_sam3(trained):
+def _first_val_batch_outputs(trained):
+    """The trained model (eval mode), the first val batch (one image) and its raw outputs."""
     coco, result, cfg = trained
     from angioexp.checkpoints import read_checkpoint
     from angioexp.model.build import build_model, resolved_num_views
@@ -48,6 +49,12 @@ def test_scores_are_class_times_presence_as_in_sam3(trained):
     batch, _ = next(EvalSet(coco, cfg, "val", num_views=resolved_num_views(cfg)).batches(1))
     with torch.no_grad():
         out = model(batch.images, batch.queries)
+    return model, batch, out
+
+
+def test_scores_are_class_times_presence_as_in_sam3(trained):
+    coco, result, cfg = trained
+    model, batch, out = _first_val_batch_outputs(trained)
     expected = (out["pred_logits"][..., 0].sigmoid() * out["presence_logit_dec"].sigmoid()).flatten().tolist()
     got = [p["score"] for p in predict_split(model, coco, "val", cfg=cfg, image_ids=[batch.image_ids[0]])]
     for score in got:
@@ -81,3 +88,26 @@ def test_training_on_the_pipelines_synthetic_coco(coco_stage1, tmp_path):
     result = train(cfg, coco_dir=coco_stage1)
     assert result.steps == 2 and "val/dice" in result.final_metrics
     assert (coco_stage1 / "val" / "annotations_gt.json").is_file()  # scored against the clean truth
+
+
+def test_stage2_semantic_head_is_scored_per_segment(trained, tmp_path):
+    """Stage 2 also scores the semantic head: one mask per (image, segment prompt) = its semantic
+    logits > 0 (mask threshold 0.5), score = the presence probability."""
+    coco, result, cfg = trained
+    model, batch, out = _first_val_batch_outputs(trained)
+    semantic: list[dict] = []
+    predict_split(model, coco, "val", cfg=cfg, image_ids=[batch.image_ids[0]], semantic_out=semantic)
+    expected = {}
+    for b, category_id in enumerate(batch.category_ids):
+        mask = (out["semantic_seg"][b, 0] > 0).numpy()
+        if mask.any():
+            expected[category_id] = (float(out["presence_logit_dec"][b, 0].sigmoid()), mask)
+    assert semantic and sorted(p["category_id"] for p in semantic) == sorted(expected)  # one per non-empty prompt
+    for p in semantic:
+        score, mask = expected[p["category_id"]]
+        assert p["score"] == pytest.approx(score, abs=1e-5)
+        assert (mask_utils.decode(p["segmentation"]).astype(bool) == mask).all()
+
+    metrics, _, _ = evaluate_split(result.checkpoint, coco, "val")
+    assert "val/semantic/dice_mean_segments" in metrics and 0.0 <= metrics["val/semantic/dice_mean_segments"] <= 1.0
+    assert any(k.startswith("val/semantic/dice/") for k in metrics)

@@ -117,6 +117,8 @@ def run(quick: bool) -> list[Figure]:
     d_init, d_scratch = s2_init["metrics"]["val/dice_mean_segments"], s2_scratch["metrics"]["val/dice_mean_segments"]
     low_init = s2_init["low_threshold"].get("dice_mean_segments", float("nan"))
     low_scratch = s2_scratch["low_threshold"].get("dice_mean_segments", float("nan"))
+    sem_init = s2_init["metrics"].get("val/semantic/dice_mean_segments", float("nan"))
+    sem_scratch = s2_scratch["metrics"].get("val/semantic/dice_mean_segments", float("nan"))
     per_segment = ", ".join(f"{slug} {s2_init['metrics'].get(f'val/dice/{slug}', float('nan')):.2f}"
                             f"/{s2_init['low_threshold'].get(f'dice/{slug}', float('nan')):.2f}" for slug in MAIN_SEGMENTS)
     figures += [
@@ -126,6 +128,9 @@ def run(quick: bool) -> list[Figure]:
                note=f"{s2_scratch['steps']} steps in {s2_scratch['train_minutes']:.1f} min, score >= 0.5"),
         Figure("Stage 2 gain from Stage 1 init", d_init - d_scratch, goal="> 0", met=d_init > d_scratch,
                note="same time budget, score >= 0.5"),
+        Figure("Stage 2 semantic head: mean per-segment Dice (from Stage 1 / scratch)",
+               f"{sem_init:.3f} / {sem_scratch:.3f}", goal="from Stage 1 > scratch", met=sem_init > sem_scratch,
+               note="SAM3's semantic-seg output per segment prompt, gated by presence >= 0.5"),
         Figure(f"Stage 2 mean per-segment Dice at score >= {LOW_SCORE_THRESHOLD} (from Stage 1 / scratch)",
                f"{low_init:.3f} / {low_scratch:.3f}", note="mask quality with score calibration set aside"),
         Figure("Stage 2 main segments' Dice, from Stage 1 (score >= 0.5 / >= 0.05)", per_segment),

@@ -159,7 +159,7 @@ def init_report_table(client, versions: list[VersionInfo]) -> str:
 
         detail = report.get("detail") or {}
         blocks = []
-        for key in ("missing", "unexpected", "shape_mismatched", "skipped_by_rule"):
+        for key in ("missing", "unexpected", "shape_mismatched", "skipped_by_rule", "new_by_design"):
             names = detail.get(key) or []
             if names:
                 shown = "<br>".join(esc(str(n)) for n in names[:200])

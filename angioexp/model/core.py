@@ -106,6 +106,15 @@ class CoreModel(nn.Module):
                                        mask_guided_boxes, context_layers, region_masks)
         self.d_model = d_model
 
+    # Parameters of the optional Stage 2 aids (model.context_layers, model.region_masks). They
+    # start at zero, so a checkpoint without them (a Stage 1 model) continues unchanged.
+    OPTIONAL_PREFIXES = ("transformer.context.", "transformer.context_to_pixels.", "transformer.heads.region_",
+                         "transformer.heads.semantic_region_")
+
+    @classmethod
+    def is_optional_addition(cls, name: str) -> bool:
+        return name.startswith(cls.OPTIONAL_PREFIXES)
+
     @property
     def stride(self) -> int:
         return self.vision_backbone.stride

@@ -200,7 +200,8 @@ class Objective:
 
         callbacks: list[Callback] = []
         if not space.multi_objective and space.pruner.name != "none":
-            callbacks.append(PruningCallback(trial, space.metrics[0], per_image=space.pruner.name == "wilcoxon"))
+            prune_on = space.pruner.metric or space.metrics[0]
+            callbacks.append(PruningCallback(trial, prune_on, per_image=space.pruner.name == "wilcoxon"))
         trial_run = ctx.tracker.start_trial(trial, cfg, values) if ctx.tracker is not None else None
         if trial_run is not None:
             callbacks.append(trial_run.callback)

@@ -12,7 +12,7 @@ them; everything else about a trial comes from the base config + ``fixed`` overr
       - {metric: val/AP75_tol, direction: maximize}
     objective_from: final             # final | best evaluation of the run
     sampler: {name: tpe, seed: 0, multivariate: true, n_startup_trials: 4}
-    pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 50}
+    pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 50}  # + metric: val/dice (default: the objective)
     params:
       scratch.lr_scale:      {type: float, low: 1.0e-3, high: 1.0, log: true}
       prompts.num_points:    {type: int_range, low: 0, high: 6}      # [lo, hi], lo <= hi
@@ -57,7 +57,7 @@ _BASE_METRICS = ("AP", "AP50", "AP75", "AP_tol", "AP75_tol", "dice", "cldice", "
 _PER_SEGMENT = ("AP75", "dice")
 KNOWN_METRICS: tuple[str, ...] = tuple(f"val/{m}" for m in _BASE_METRICS) + tuple(
     f"val/{m}/{s.slug}" for m in _PER_SEGMENT for s in SEGMENTS
-) + ("val/dice_mean_segments", "train/loss")
+) + ("val/dice_mean_segments", "val/semantic/dice_mean_segments", "train/loss")
 
 
 class SpaceError(InputError):
@@ -102,7 +102,11 @@ class SamplerSpec:
 @dataclass(frozen=True)
 class PrunerSpec:
     name: str = "median"
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # the Optuna pruner's own keyword arguments
+    # What the pruner compares at each evaluation (None: the objective). A metric that moves
+    # early (val Dice) lets a pruner rank trials whose objective (tolerant AP75) is still 0 for
+    # all of them — ties at 0 are never pruned.
+    metric: str | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,9 @@ def parse_space(text: str, *, path: Path | None = None) -> SearchSpace:
 
     sampler = _parse_sampler(data.get("sampler"), multi=len(objectives) > 1, fail=fail)
     pruner = _parse_pruner(data.get("pruner"), multi=len(objectives) > 1, fail=fail)
+    if pruner.metric is not None and objectives[0].direction != "maximize" and pruner.metric != objectives[0].metric:
+        # Optuna prunes in the study's direction; every other known metric is higher-is-better.
+        raise fail("pruner.metric", "a pruning metric other than the objective needs a maximised objective")
 
     raw_params = data.get("params")
     if not isinstance(raw_params, dict) or not raw_params:
@@ -332,6 +339,7 @@ def _parse_pruner(raw, *, multi: bool, fail) -> PrunerSpec:
         raw = {"name": raw}
     raw = dict(raw or {})
     name = raw.pop("name", "none" if multi else "median")
+    metric = raw.pop("metric", None)
     if name not in PRUNERS:
         raise fail("pruner.name", f"must be one of {', '.join(PRUNERS)}{_suggest(str(name), PRUNERS)}")
     if multi and name != "none":
@@ -344,8 +352,15 @@ def _parse_pruner(raw, *, multi: bool, fail) -> PrunerSpec:
     }[name]
     for k in raw:
         if k not in allowed:
-            raise fail(f"pruner.{k}", f"not an option of the {name} pruner{_suggest(str(k), allowed)}")
-    return PrunerSpec(name=name, options=raw)
+            raise fail(f"pruner.{k}", f"not an option of the {name} pruner{_suggest(str(k), allowed + ('metric',))}")
+    if metric is not None:
+        if name in ("wilcoxon", "none"):
+            raise fail("pruner.metric", f"the {name} pruner takes no metric (wilcoxon compares per-image Dice)")
+        metric = str(metric)
+        _check_metric(metric, "pruner.metric", fail)
+        if metric == "train/loss":
+            raise fail("pruner.metric", "must be a validation metric (pruning happens after evaluations)")
+    return PrunerSpec(name=name, options=raw, metric=metric)
 
 
 def _base_types(tp) -> tuple[list, bool]:

@@ -141,7 +141,8 @@ class SweepTracker:
         tags = {**base_tags, ROLE_TAG: "parent", "optuna.storage": storage_url,
                 "sweep.directions": ",".join(d.name.lower() for d in study.directions),
                 "sweep.objective": ",".join(space.metrics), "sweep.sampler": space.sampler.name,
-                "sweep.pruner": space.pruner.name}
+                "sweep.pruner": space.pruner.name,
+                "sweep.pruner_metric": space.pruner.metric or space.metrics[0]}
         if space.path:
             tags["sweep.space"] = str(space.path)
         if n_trials is not None:

@@ -59,13 +59,30 @@ def _encode(mask: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold: float = 0.5, min_score: float = MIN_SCORE) -> list[dict]:
-    """One evaluation batch → COCO results (one per object query with score ≥ ``min_score``)."""
+def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold: float = 0.5, min_score: float = MIN_SCORE,
+                  semantic_out: list | None = None) -> list[dict]:
+    """One evaluation batch → COCO results (one per object query with score ≥ ``min_score``).
+
+    ``semantic_out``: a list that receives one result per find query from the semantic head
+    as well (the prompted concept's semantic mask, score = the presence probability) — SAM3's
+    semantic-segmentation output, scored per segment beside the instance masks in Stage 2.
+    """
     out = model(batch.images, batch.queries)
-    scores = out["pred_logits"][..., 0].float().sigmoid() * out["presence_logit_dec"].float().sigmoid()  # (B, Q)
+    presence = out["presence_logit_dec"].float().sigmoid()  # (B, 1)
+    scores = out["pred_logits"][..., 0].float().sigmoid() * presence  # (B, Q)
     logit_threshold = math.log(mask_threshold / (1 - mask_threshold))
     results = []
     img_idx = batch.queries.img_idx.tolist()
+    if semantic_out is not None:
+        for b, category_id in enumerate(batch.category_ids):
+            slot = img_idx[b]
+            logits = out["semantic_seg"][b].float()  # (1, S, S)
+            if tuple(logits.shape[-2:]) != tuple(sizes[slot]):
+                logits = F.interpolate(logits[None], size=sizes[slot], mode="bilinear", align_corners=False)[0]
+            mask = (logits[0] > logit_threshold).cpu().numpy()
+            if mask.any():
+                semantic_out.append({"image_id": int(batch.image_ids[slot]), "category_id": int(category_id),
+                                     "segmentation": _encode(mask), "score": float(presence[b, 0])})
     for b, category_id in enumerate(batch.category_ids):
         keep = (scores[b] >= min_score).nonzero(as_tuple=True)[0]
         if keep.numel() == 0:
@@ -88,8 +105,10 @@ def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold:
 
 
 def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, device: str = "cpu", cfg=None,
-                  image_ids: list[int] | None = None, categories: list[dict] | None = None) -> list[dict]:
-    """COCO segmentation results for every image of ``coco_dir/split`` (RLE masks, SAM3 scores)."""
+                  image_ids: list[int] | None = None, categories: list[dict] | None = None,
+                  semantic_out: list | None = None) -> list[dict]:
+    """COCO segmentation results for every image of ``coco_dir/split`` (RLE masks, SAM3 scores);
+    the semantic head's results go to ``semantic_out`` when given (see :func:`predict_batch`)."""
     from angioexp.model.build import resolved_num_views
     from angioexp.train.data import EvalSet
 
@@ -104,7 +123,8 @@ def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, devi
     try:
         for batch, sizes in data.batches(cfg.scratch.val_batch_size):
             with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                results.extend(predict_batch(model, batch.to(device), sizes, mask_threshold=cfg.eval.mask_threshold))
+                results.extend(predict_batch(model, batch.to(device), sizes, mask_threshold=cfg.eval.mask_threshold,
+                                             semantic_out=semantic_out))
     finally:
         model.train(was_training)
     return results
@@ -150,7 +170,9 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         gt = load_ground_truth(source)
     t0 = time.perf_counter()
     categories = [gt.categories[c] for c in sorted(gt.categories)]
-    preds = predict_split(model, coco_dir, split, device=device, cfg=cfg, image_ids=image_ids or list(gt.images), categories=categories)
+    semantic: list[dict] | None = [] if cfg.stage == 2 else None
+    preds = predict_split(model, coco_dir, split, device=device, cfg=cfg, image_ids=image_ids or list(gt.images),
+                          categories=categories, semantic_out=semantic)
     predict_s = time.perf_counter() - t0
     out_dir = Path(out_dir) if out_dir is not None else None
     overlays = out_dir / "overlays" if out_dir is not None and cfg.eval.overlays > 0 else None
@@ -159,6 +181,12 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         overlays_dir=overlays, images_dir=Path(coco_dir) / split / "images", max_overlays=cfg.eval.overlays,
     )
     metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
+    if semantic is not None:
+        # Stage 2: which pixels are this segment, from the semantic head — no instance scores
+        # involved (an instance mask counts only when its IoU-aware score passes the threshold).
+        sem = evaluate_predictions(gt, semantic, tolerance_px=cfg.eval.tolerance_px, score_threshold=cfg.eval.score_threshold)
+        metrics.update({f"val/semantic/{k}": float(v) for k, v in sem.metrics.items()
+                        if k == "dice_mean_segments" or k.split("/")[0] in ("dice", "cldice")})
     metrics["val/predict_seconds"] = predict_s
     metrics["val/images_per_s"] = len(gt.images) / predict_s if predict_s > 0 else float("nan")
     artifacts = EvalArtifacts()

@@ -74,7 +74,8 @@ def load_init_weights(model, cfg, init_checkpoint):
 
         path = resolve_model(str(source)).weights
     state = extract_state_dict(read_checkpoint(path))
-    report = load_state_with_report(model, state, source=str(source), min_loaded_fraction=cfg.min_loaded_fraction)
+    report = load_state_with_report(model, state, source=str(source), min_loaded_fraction=cfg.min_loaded_fraction,
+                                    new_by_design=getattr(model, "is_optional_addition", lambda name: False))
     log.info("init weights: %s", report.summary())
     return report
 
