@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -108,6 +109,9 @@ def test_stage2_semantic_head_is_scored_per_segment(trained, tmp_path):
         assert p["score"] == pytest.approx(score, abs=1e-5)
         assert (mask_utils.decode(p["segmentation"]).astype(bool) == mask).all()
 
-    metrics, _, _ = evaluate_split(result.checkpoint, coco, "val")
+    metrics, _, _ = evaluate_split(result.checkpoint, coco, "val", out_dir=tmp_path / "ev")
+    written = json.loads((tmp_path / "ev" / "semantic" / "metrics.json").read_text())["metrics"]
+    assert written["dice_mean_segments"] == pytest.approx(metrics["val/semantic/dice_mean_segments"], nan_ok=True)
+    assert (tmp_path / "ev" / "semantic" / "per_category.csv").is_file()
     assert "val/semantic/dice_mean_segments" in metrics and 0.0 <= metrics["val/semantic/dice_mean_segments"] <= 1.0
     assert any(k.startswith("val/semantic/dice/") for k in metrics)

@@ -181,6 +181,7 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         overlays_dir=overlays, images_dir=Path(coco_dir) / split / "images", max_overlays=cfg.eval.overlays,
     )
     metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
+    sem = None
     if semantic is not None:
         # Stage 2: which pixels are this segment, from the semantic head — no instance scores
         # involved (an instance mask counts only when its IoU-aware score passes the threshold).
@@ -194,6 +195,10 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         out_dir.mkdir(parents=True, exist_ok=True)
         result.write(out_dir)
         write_json_atomic(out_dir / "predictions.json", preds, indent=None)
+        if sem is not None:  # the semantic head's tables beside the instance ones
+            (out_dir / "semantic").mkdir(exist_ok=True)
+            sem.write(out_dir / "semantic")
+            write_json_atomic(out_dir / "semantic" / "predictions.json", semantic, indent=None)
         artifacts = EvalArtifacts(
             metrics_json=out_dir / "metrics.json", per_image_csv=out_dir / "per_image.csv",
             overlays_dir=overlays, predictions_json=out_dir / "predictions.json",
