@@ -125,9 +125,8 @@ def load_state_with_report(
             continue
         to_load[name] = tensor
     report.loaded = sorted(to_load)
-    absent = sorted(n for n in own if n not in seen)
-    report.new_by_design = [n for n in absent if new_by_design(n)]
-    report.missing = [n for n in absent if not new_by_design(n)]
+    for name in sorted(n for n in own if n not in seen):
+        (report.new_by_design if new_by_design(name) else report.missing).append(name)
     if report.loaded_fraction < min_loaded_fraction:
         raise CheckpointLoadError(
             f"refusing to start from {source}: {report.summary()} — below the required "

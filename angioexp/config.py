@@ -668,12 +668,12 @@ def load_config(
         set_value(cfg, key, value, "--set")
         explicit_init = explicit_init or key == "init_from"
         explicit.add(key.strip())
-    for key, value in BACKEND_DEFAULTS.get(cfg.backend, {}).items():
-        if key not in explicit:
-            set_value(cfg, key, value, f"backend {cfg.backend} default")
-    for key, value in STAGE_DEFAULTS.get((cfg.backend, cfg.stage), {}).items():
-        if key not in explicit:
-            set_value(cfg, key, value, f"{cfg.backend} stage {cfg.stage} default")
+    layered = ((f"backend {cfg.backend} default", BACKEND_DEFAULTS.get(cfg.backend, {})),
+               (f"{cfg.backend} stage {cfg.stage} default", STAGE_DEFAULTS.get((cfg.backend, cfg.stage), {})))
+    for origin, defaults in layered:
+        for key, value in defaults.items():
+            if key not in explicit:
+                set_value(cfg, key, value, origin)
     if cfg.stage == 2 and not explicit_init and cfg.init_from is None:
         cfg.init_from = STAGE1_INIT_DEFAULT
     if isinstance(cfg.init_from, str) and cfg.init_from.strip().lower() in ("", "none", "scratch"):

@@ -100,7 +100,7 @@ def run(quick: bool) -> list[Figure]:
     per_hour_plain = 3600 * plain["trials"] / plain["wall"]
     speedup = per_hour_pruned / per_hour_plain
     equal_best = pruned["best"] >= plain["best"] - AP_TOLERANCE
-    how = f"{n_trials} trials of sweeps/stage1_nan.yaml (pruner {space.pruner.name} on {space.pruner.metric or space.metrics[0]}), sampler seed {space.sampler.seed}" + (
+    how = f"{n_trials} trials of sweeps/stage1_nan.yaml (pruner {space.pruner.name} on {space.pruning_metric}), sampler seed {space.sampler.seed}" + (
         " — QUICK sizes, not a measurement" if quick else "")
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(pruned["outcomes"].items()))
     return [

@@ -200,8 +200,7 @@ class Objective:
 
         callbacks: list[Callback] = []
         if not space.multi_objective and space.pruner.name != "none":
-            prune_on = space.pruner.metric or space.metrics[0]
-            callbacks.append(PruningCallback(trial, prune_on, per_image=space.pruner.name == "wilcoxon"))
+            callbacks.append(PruningCallback(trial, space.pruning_metric, per_image=space.pruner.name == "wilcoxon"))
         trial_run = ctx.tracker.start_trial(trial, cfg, values) if ctx.tracker is not None else None
         if trial_run is not None:
             callbacks.append(trial_run.callback)

@@ -135,6 +135,11 @@ class SearchSpace:
         return [o.metric for o in self.objectives]
 
     @property
+    def pruning_metric(self) -> str:
+        """The metric the pruner compares after each evaluation (``pruner.metric`` or the objective)."""
+        return self.pruner.metric or self.metrics[0]
+
+    @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 

@@ -142,7 +142,7 @@ class SweepTracker:
                 "sweep.directions": ",".join(d.name.lower() for d in study.directions),
                 "sweep.objective": ",".join(space.metrics), "sweep.sampler": space.sampler.name,
                 "sweep.pruner": space.pruner.name,
-                "sweep.pruner_metric": space.pruner.metric or space.metrics[0]}
+                "sweep.pruner_metric": space.pruning_metric}
         if space.path:
             tags["sweep.space"] = str(space.path)
         if n_trials is not None:

@@ -71,36 +71,26 @@ def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold:
     presence = out["presence_logit_dec"].float().sigmoid()  # (B, 1)
     scores = out["pred_logits"][..., 0].float().sigmoid() * presence  # (B, Q)
     logit_threshold = math.log(mask_threshold / (1 - mask_threshold))
-    results = []
     img_idx = batch.queries.img_idx.tolist()
-    if semantic_out is not None:
-        for b, category_id in enumerate(batch.category_ids):
-            slot = img_idx[b]
-            logits = out["semantic_seg"][b].float()  # (1, S, S)
-            if tuple(logits.shape[-2:]) != tuple(sizes[slot]):
-                logits = F.interpolate(logits[None], size=sizes[slot], mode="bilinear", align_corners=False)[0]
-            mask = (logits[0] > logit_threshold).cpu().numpy()
-            if mask.any():
-                semantic_out.append({"image_id": int(batch.image_ids[slot]), "category_id": int(category_id),
-                                     "segmentation": _encode(mask), "score": float(presence[b, 0])})
-    for b, category_id in enumerate(batch.category_ids):
-        keep = (scores[b] >= min_score).nonzero(as_tuple=True)[0]
-        if keep.numel() == 0:
-            continue
+
+    def emit(into: list, b: int, category_id, logits: torch.Tensor, mask_scores: list[float]) -> None:
+        """logits (k, S, S) of find query b → one COCO result per non-empty mask, at the frame's size."""
         slot = img_idx[b]
-        logits = out["pred_masks"][b, keep].float()  # (k, S, S)
+        logits = logits.float()
         if tuple(logits.shape[-2:]) != tuple(sizes[slot]):
             logits = F.interpolate(logits[:, None], size=sizes[slot], mode="bilinear", align_corners=False)[:, 0]
-        masks = (logits > logit_threshold).cpu().numpy()
-        for q, mask in zip(keep.tolist(), masks):
-            if not mask.any():
-                continue
-            results.append({
-                "image_id": int(batch.image_ids[slot]),
-                "category_id": int(category_id),
-                "segmentation": _encode(mask),
-                "score": float(scores[b, q]),
-            })
+        for mask, score in zip((logits > logit_threshold).cpu().numpy(), mask_scores):
+            if mask.any():
+                into.append({"image_id": int(batch.image_ids[slot]), "category_id": int(category_id),
+                             "segmentation": _encode(mask), "score": float(score)})
+
+    results: list[dict] = []
+    for b, category_id in enumerate(batch.category_ids):
+        keep = (scores[b] >= min_score).nonzero(as_tuple=True)[0]
+        if keep.numel():
+            emit(results, b, category_id, out["pred_masks"][b, keep], scores[b, keep].tolist())
+        if semantic_out is not None:
+            emit(semantic_out, b, category_id, out["semantic_seg"][b], presence[b].tolist())
     return results
 
 
