@@ -268,6 +268,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = True
     threads: int | None = None  # torch.set_num_threads; None = library default
+    # core backend: evaluate and keep an exponential moving average of the weights (null: the
+    # raw weights). Ramped as min(decay, (1+n)/(10+n)) so short runs are not dragged to the init.
+    # Default Stage 1 run, val Dice every 100 steps: raw 0.73 0.78 0.74 0.85 0.86 0.85, averaged
+    # 0.74 0.79 0.83 0.84 0.85 0.86 — no dips for the best-checkpoint choice to land on.
+    ema_decay: float | None = 0.99
 
 
 @dataclass
@@ -360,6 +365,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "nan_guard.max_consecutive": (lambda v: v >= 1, "must be >= 1"),
     "nan_guard.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "train.max_steps": (lambda v: v >= 1, "must be >= 1"),
+    "train.ema_decay": (lambda v: v is None or 0 < v < 1, "must be in (0, 1), or null for no averaging"),
     "eval.tolerance_px": (lambda v: v >= 0, "must be >= 0"),
     "min_loaded_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "data.synth_cases": (lambda v: v >= 3, "must be >= 3 (one patient per split at least)"),
@@ -594,6 +600,7 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
         "scratch.scheduler_timescale": 20,
         "scratch.scheduler_cooldown": 20,
         "o2m.enabled": True,  # SAM3 always decodes one-to-many (DAC) queries; o2m_weight 2
+        "train.ema_decay": None,  # SAM3's trainer keeps no weight average
     },
 }
 

@@ -49,6 +49,14 @@ def test_shipped_spaces_load_and_cover_the_researchers_values():
     nan = load_space(REPO / "sweeps" / "stage1_nan.yaml")
     lr = {p.name: p for p in nan.params}["scratch.lr_scale"]
     assert lr.log and lr.low < 0.1 < lr.high
+    # its pruner: one successive-halving bracket, first rung at the first evaluation, on val Dice
+    import optuna
+
+    from angioexp.sweep.cli import build_pruner
+
+    pruner = build_pruner(nan)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and nan.pruning_metric == "val/dice"
+    assert pruner._min_resource == nan.build_config().train.eval_every == 40
     stage2 = load_space(REPO / "sweeps" / "stage2.yaml")
     assert stage2.multi_objective and stage2.sampler.name == "nsga2" and stage2.pruner.name == "none"
 
@@ -80,6 +88,8 @@ def test_shipped_spaces_load_and_cover_the_researchers_values():
         ("objective: [{metric: val/AP75_tol, direction: up}]\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "objective[0].direction", "maximize"),
         ("objective: [val/AP75_tol, val/cldice]\npruner: median\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.name", "multi-objective"),
         ("pruner: {name: hyperband, reduction: 3}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.reduction", "reduction_factor"),
+        ("pruner: {name: successive_halving, max_resource: 240}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}",
+         "pruner.max_resource", "successive_halving"),
         ("pruner: {name: median, metric: val/dcie}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "val/dice"),
         ("pruner: {name: wilcoxon, metric: val/dice}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "per-image Dice"),
         ("pruner: {name: median, metric: train/loss}\nparams:\n  scratch.lr_scale: {type: float, low: 0.01, high: 1}", "pruner.metric", "validation metric"),

@@ -89,6 +89,10 @@ def test_training_on_the_pipelines_synthetic_coco(coco_stage1, tmp_path):
     result = train(cfg, coco_dir=coco_stage1)
     assert result.steps == 2 and "val/dice" in result.final_metrics
     assert (coco_stage1 / "val" / "annotations_gt.json").is_file()  # scored against the clean truth
+    # the semantic head's whole-tree mask is scored beside the instance masks, with its own tables
+    assert 0.0 <= result.final_metrics["val/semantic/dice"] <= 1.0 and "val/semantic/cldice" in result.final_metrics
+    written = json.loads((result.out_dir / "eval" / "step_2" / "semantic" / "metrics.json").read_text())["metrics"]
+    assert written["dice"] == pytest.approx(result.final_metrics["val/semantic/dice"])
 
 
 def test_stage2_semantic_head_is_scored_per_segment(trained, tmp_path):

@@ -86,11 +86,13 @@ def build_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     name = space.pruner.name
     if name == "median":
         return optuna.pruners.MedianPruner(**opts)
-    if name == "hyperband":
-        if "min_resource" not in opts or "max_resource" not in opts:
-            base = space.build_config()
-            opts.setdefault("min_resource", max(1, base.train.eval_every))
-            opts.setdefault("max_resource", base.train.max_steps)
+    if name in ("successive_halving", "hyperband"):
+        # Rungs in training steps; the first rung defaults to the first evaluation.
+        base = space.build_config()
+        opts.setdefault("min_resource", max(1, base.train.eval_every))
+        if name == "successive_halving":  # ASHA: one bracket, every trial can be stopped at the first rung
+            return optuna.pruners.SuccessiveHalvingPruner(**opts)
+        opts.setdefault("max_resource", base.train.max_steps)
         return optuna.pruners.HyperbandPruner(**opts)
     if name == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(**opts)

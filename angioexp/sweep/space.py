@@ -13,6 +13,7 @@ them; everything else about a trial comes from the base config + ``fixed`` overr
     objective_from: final             # final | best evaluation of the run
     sampler: {name: tpe, seed: 0, multivariate: true, n_startup_trials: 4}
     pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 50}  # + metric: val/dice (default: the objective)
+                                      # median | successive_halving | hyperband | wilcoxon | none
     params:
       scratch.lr_scale:      {type: float, low: 1.0e-3, high: 1.0, log: true}
       prompts.num_points:    {type: int_range, low: 0, high: 6}      # [lo, hi], lo <= hi
@@ -44,7 +45,7 @@ from angioexp.segments import SEGMENTS
 
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "nsga2", "random")
-PRUNERS = ("median", "hyperband", "wilcoxon", "none")
+PRUNERS = ("median", "successive_halving", "hyperband", "wilcoxon", "none")
 PARAM_TYPES = ("float", "int", "categorical", "int_range")
 TOP_LEVEL_KEYS = (
     "description", "study", "stage", "backend", "base", "fixed", "objective", "objective_from",
@@ -57,7 +58,7 @@ _BASE_METRICS = ("AP", "AP50", "AP75", "AP_tol", "AP75_tol", "dice", "cldice", "
 _PER_SEGMENT = ("AP75", "dice")
 KNOWN_METRICS: tuple[str, ...] = tuple(f"val/{m}" for m in _BASE_METRICS) + tuple(
     f"val/{m}/{s.slug}" for m in _PER_SEGMENT for s in SEGMENTS
-) + ("val/dice_mean_segments", "val/semantic/dice_mean_segments", "train/loss")
+) + ("val/dice_mean_segments", "val/semantic/dice", "val/semantic/cldice", "val/semantic/dice_mean_segments", "train/loss")
 
 
 class SpaceError(InputError):
@@ -351,6 +352,7 @@ def _parse_pruner(raw, *, multi: bool, fail) -> PrunerSpec:
         raise fail("pruner.name", "Optuna cannot prune multi-objective studies (Trial.report is single-objective); use 'none'")
     allowed = {
         "median": ("n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"),
+        "successive_halving": ("min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"),
         "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
         "wilcoxon": ("p_threshold", "n_startup_steps"),
         "none": (),

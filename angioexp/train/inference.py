@@ -65,7 +65,8 @@ def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold:
 
     ``semantic_out``: a list that receives one result per find query from the semantic head
     as well (the prompted concept's semantic mask, score = the presence probability) — SAM3's
-    semantic-segmentation output, scored per segment beside the instance masks in Stage 2.
+    semantic-segmentation output (the whole tree in Stage 1, one segment per prompt in Stage 2),
+    scored beside the instance masks.
     """
     out = model(batch.images, batch.queries)
     presence = out["presence_logit_dec"].float().sigmoid()  # (B, 1)
@@ -160,7 +161,7 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         gt = load_ground_truth(source)
     t0 = time.perf_counter()
     categories = [gt.categories[c] for c in sorted(gt.categories)]
-    semantic: list[dict] | None = [] if cfg.stage == 2 else None
+    semantic: list[dict] = []  # the semantic head's results, scored beside the instance masks
     preds = predict_split(model, coco_dir, split, device=device, cfg=cfg, image_ids=image_ids or list(gt.images),
                           categories=categories, semantic_out=semantic)
     predict_s = time.perf_counter() - t0
@@ -171,13 +172,12 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         overlays_dir=overlays, images_dir=Path(coco_dir) / split / "images", max_overlays=cfg.eval.overlays,
     )
     metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
-    sem = None
-    if semantic is not None:
-        # Stage 2: which pixels are this segment, from the semantic head — no instance scores
-        # involved (an instance mask counts only when its IoU-aware score passes the threshold).
-        sem = evaluate_predictions(gt, semantic, tolerance_px=cfg.eval.tolerance_px, score_threshold=cfg.eval.score_threshold)
-        metrics.update({f"val/semantic/{k}": float(v) for k, v in sem.metrics.items()
-                        if k == "dice_mean_segments" or k.split("/")[0] in ("dice", "cldice")})
+    # Which pixels are the prompted concept (the whole tree in Stage 1, a segment in Stage 2),
+    # from the semantic head: no instance scores involved — an instance mask counts only when its
+    # IoU-aware score passes the threshold.
+    sem = evaluate_predictions(gt, semantic, tolerance_px=cfg.eval.tolerance_px, score_threshold=cfg.eval.score_threshold)
+    metrics.update({f"val/semantic/{k}": float(v) for k, v in sem.metrics.items()
+                    if k == "dice_mean_segments" or k.split("/")[0] in ("dice", "cldice")})
     metrics["val/predict_seconds"] = predict_s
     metrics["val/images_per_s"] = len(gt.images) / predict_s if predict_s > 0 else float("nan")
     artifacts = EvalArtifacts()
@@ -185,10 +185,9 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         out_dir.mkdir(parents=True, exist_ok=True)
         result.write(out_dir)
         write_json_atomic(out_dir / "predictions.json", preds, indent=None)
-        if sem is not None:  # the semantic head's tables beside the instance ones
-            (out_dir / "semantic").mkdir(exist_ok=True)
-            sem.write(out_dir / "semantic")
-            write_json_atomic(out_dir / "semantic" / "predictions.json", semantic, indent=None)
+        (out_dir / "semantic").mkdir(exist_ok=True)  # the semantic head's tables beside the instance ones
+        sem.write(out_dir / "semantic")
+        write_json_atomic(out_dir / "semantic" / "predictions.json", semantic, indent=None)
         artifacts = EvalArtifacts(
             metrics_json=out_dir / "metrics.json", per_image_csv=out_dir / "per_image.csv",
             overlays_dir=overlays, predictions_json=out_dir / "predictions.json",

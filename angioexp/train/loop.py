@@ -7,13 +7,15 @@
         if loss not finite:      guard.bad_step → skip (K in a row: restore + LR backoff)
         backward, clip grad norm
         if grad norm not finite: guard.bad_step
-        optimizer.step; guard.good_step
+        optimizer.step; guard.good_step; ema.update   # evaluations score the EMA weights
         log / evaluate / checkpoint / stop on the time budget
 
 Everything the outside world sees goes through :mod:`angioexp.train.callbacks` (MLflow and
 Optuna live elsewhere). Evaluations write ``out_dir/eval/step_N/`` (metrics.json,
 per_image.csv, per_category.csv, predictions.json, overlays/); checkpoints go to
-``out_dir/checkpoints/{last,best}.pt`` atomically.
+``out_dir/checkpoints/{last,best}.pt`` atomically. With ``train.ema_decay`` set, a checkpoint's
+``model`` holds the averaged weights (what was evaluated; what Stage 2, the registry and
+``evaluate`` load) and ``raw_model`` the optimizer's own, which only ``--resume`` reads.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from angioexp.fileio import atomic_file
 from angioexp.train import ddp
 from angioexp.train.callbacks import CallbackList, RunInfo, TrainResult
 from angioexp.train.checkpoint import load_training_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from angioexp.train.ema import WeightAverage
 from angioexp.train.nan_guard import NanGuard
 from angioexp.train.optim import build_optimizer, set_learning_rates
 from angioexp.train.schedule import InverseSquareRoot
@@ -142,13 +145,17 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
 
         criterion = build_criterion(cfg).to(device)
 
-    start_step, best, init_report = 0, None, None
+    start_step, best, init_report, ema = 0, None, None, None
     if resume_from is not None:
         ckpt_path = resolve_resume(resume_from)
         payload = load_training_checkpoint(ckpt_path)
         try:
-            model.load_state_dict(payload["model"])
+            model.load_state_dict(payload.get("raw_model", payload["model"]))
             optimizer.load_state_dict(payload["optimizer"])
+            if cfg.train.ema_decay:
+                ema = WeightAverage(model, cfg.train.ema_decay)
+                if "raw_model" in payload:
+                    ema.restore(payload["model"], payload.get("ema_updates", 0))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise InputError(f"checkpoint does not fit this model/config: {exc}", file=ckpt_path, key="--resume") from None
         guard.load_state_dict(payload.get("guard", {}))
@@ -158,6 +165,10 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
         log.info("resuming from %s at step %d", ckpt_path, start_step)
     else:
         init_report = load_init_weights(model, cfg, init_checkpoint)
+    if cfg.train.ema_decay and ema is None:
+        ema = WeightAverage(model, cfg.train.ema_decay)
+    # The network evaluations score and checkpoints hand on.
+    kept_model = ema.module if ema is not None else model
 
     train_model = model
     if dist.enabled:
@@ -188,9 +199,11 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
         if not dist.is_main:
             return None
         payload = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step_done,
+            "model": kept_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step_done,
             "guard": guard.state_dict(), "rng": rng_state(), "best": state["best"], "config": to_dict(cfg),
         }
+        if ema is not None:
+            payload.update(raw_model=model.state_dict(), ema_updates=ema.updates)
         path = save_checkpoint(out_dir / "checkpoints" / "last.pt", payload)
         cbs.on_checkpoint(step_done, path)
         return path
@@ -204,7 +217,7 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
 
             eval_dir = out_dir / "eval" / f"step_{step_done}"
             metrics, artifacts, state["gt"] = evaluate_split(
-                model, coco_dir, cfg.data.val_split, cfg=cfg, out_dir=eval_dir, device=str(device),
+                kept_model, coco_dir, cfg.data.val_split, cfg=cfg, out_dir=eval_dir, device=str(device),
                 gt=state["gt"], max_images=cfg.data.max_val_images,
             )
             model.train()
@@ -215,7 +228,7 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
                                  "metrics": {k: float(v) for k, v in metrics.items()}}
                 state["best_metrics"] = metrics
                 state["best_ckpt"] = save_checkpoint(out_dir / "checkpoints" / "best.pt", {
-                    "model": model.state_dict(), "optimizer": {}, "step": step_done, "guard": guard.state_dict(),
+                    "model": kept_model.state_dict(), "optimizer": {}, "step": step_done, "guard": guard.state_dict(),
                     "best": state["best"], "config": to_dict(cfg),
                 })
             log.info("step %d: %s", step_done, ", ".join(
@@ -269,6 +282,8 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
                 else:
                     optimizer.step()
                     guard.good_step(step)
+                    if ema is not None:
+                        ema.update(model)
             steps_done = step + 1
             bar.update(1)
 

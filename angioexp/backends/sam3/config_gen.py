@@ -101,6 +101,8 @@ def check_supported(cfg: Config) -> list[str]:
                      "upsamples the predictions ('predictions'; 'targets_sam3' = downsample: true)")
     if cfg.loss.view.loss_view:
         notes.append("loss.view.*: SAM3 has no view head (core backend only)")
+    if cfg.train.ema_decay:
+        notes.append("train.ema_decay: SAM3's trainer keeps no weight average (core backend only)")
     if cfg.prompts.negatives_per_image != 2 and cfg.stage == 2:
         notes.append("prompts.negatives_per_image: SAM3 queries every category of every image "
                      "(COCO_FROM_JSON include_negatives)")
