@@ -87,12 +87,16 @@ def build_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     if name == "median":
         return optuna.pruners.MedianPruner(**opts)
     if name in ("successive_halving", "hyperband"):
-        # Rungs in training steps; the first rung defaults to the first evaluation.
-        base = space.build_config()
-        opts.setdefault("min_resource", max(1, base.train.eval_every))
+        # Rungs in training steps; unset, the first rung is the first evaluation (and Hyperband's
+        # last the final step) of a trial's config.
+        needs_base = "min_resource" not in opts or (name == "hyperband" and "max_resource" not in opts)
+        base = space.build_config() if needs_base else None
+        if "min_resource" not in opts:
+            opts["min_resource"] = max(1, base.train.eval_every)
         if name == "successive_halving":  # ASHA: one bracket, every trial can be stopped at the first rung
             return optuna.pruners.SuccessiveHalvingPruner(**opts)
-        opts.setdefault("max_resource", base.train.max_steps)
+        if "max_resource" not in opts:
+            opts["max_resource"] = base.train.max_steps
         return optuna.pruners.HyperbandPruner(**opts)
     if name == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(**opts)

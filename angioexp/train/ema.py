@@ -43,7 +43,6 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
         self._averaged = AveragedModel(model, multi_avg_fn=_ramped_ema(decay), use_buffers=True)
         self._averaged.eval().requires_grad_(False)
 

@@ -145,17 +145,13 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
 
         criterion = build_criterion(cfg).to(device)
 
-    start_step, best, init_report, ema = 0, None, None, None
+    start_step, best, init_report, payload = 0, None, None, {}
     if resume_from is not None:
         ckpt_path = resolve_resume(resume_from)
         payload = load_training_checkpoint(ckpt_path)
         try:
             model.load_state_dict(payload.get("raw_model", payload["model"]))
             optimizer.load_state_dict(payload["optimizer"])
-            if cfg.train.ema_decay:
-                ema = WeightAverage(model, cfg.train.ema_decay)
-                if "raw_model" in payload:
-                    ema.restore(payload["model"], payload.get("ema_updates", 0))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise InputError(f"checkpoint does not fit this model/config: {exc}", file=ckpt_path, key="--resume") from None
         guard.load_state_dict(payload.get("guard", {}))
@@ -165,8 +161,12 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
         log.info("resuming from %s at step %d", ckpt_path, start_step)
     else:
         init_report = load_init_weights(model, cfg, init_checkpoint)
-    if cfg.train.ema_decay and ema is None:
-        ema = WeightAverage(model, cfg.train.ema_decay)
+    ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if ema is not None and "raw_model" in payload:  # resuming an averaged run: its average goes on
+        try:
+            ema.restore(payload["model"], payload.get("ema_updates", 0))
+        except RuntimeError as exc:
+            raise InputError(f"checkpoint does not fit this model/config: {exc}", file=ckpt_path, key="--resume") from None
     # The network evaluations score and checkpoints hand on.
     kept_model = ema.module if ema is not None else model
 
