@@ -255,6 +255,8 @@ class NanGuardConfig:
     lr_backoff: float = 0.5  # multiply every LR by this on each restore
     max_restores: int = 4  # give up (TrainingDiverged) after this many restores
     snapshot_every: int = 25  # keep an in-memory last-good state every N good steps
+    # a finite loss above this × the run's initial loss is a bad step too (null: only NaN/Inf)
+    max_loss_ratio: float | None = 100.0
 
 
 @dataclass
@@ -364,6 +366,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.d_model": (lambda v: v >= 8, "must be >= 8"),
     "nan_guard.max_consecutive": (lambda v: v >= 1, "must be >= 1"),
     "nan_guard.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "nan_guard.max_loss_ratio": (lambda v: v is None or v > 1, "must be > 1 (or null: only NaN/Inf is a bad step)"),
     "train.max_steps": (lambda v: v >= 1, "must be >= 1"),
     "train.ema_decay": (lambda v: v is None or 0 < v < 1, "must be in (0, 1), or null for no averaging"),
     "eval.tolerance_px": (lambda v: v >= 0, "must be >= 0"),

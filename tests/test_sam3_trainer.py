@@ -105,6 +105,19 @@ def test_nan_step_is_skipped_and_counted(tmp_path):
     assert event["kind"] == "nan" and event["step"] == 1 and event["event"]["action"] == "skip"
 
 
+def test_an_exploding_finite_loss_is_skipped_like_a_nan(tmp_path):
+    t = make_trainer(tmp_path)
+    t.loss_hook = lambda loss, step: loss * 1e4 if step == 1 else loss
+    sam3_step(t)  # the run's first loss: the reference
+    before = weights(t)
+    sam3_step(t)  # finite, but 10⁴× the first: skipped
+    assert same(before, weights(t)) and t.guard.events == 1
+    event = json.loads(t.events_path.read_text().splitlines()[0])["event"]
+    assert event["kind"] == "explosion" and "nan_guard.max_loss_ratio" in event["detail"]
+    sam3_step(t)
+    assert not same(before, weights(t))
+
+
 def test_skip_with_amp_needs_the_skippable_scaler(tmp_path):
     plain = make_trainer(tmp_path, nan_steps={1}, amp_scaler=True, skippable=False)
     sam3_step(plain)

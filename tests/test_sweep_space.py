@@ -49,14 +49,14 @@ def test_shipped_spaces_load_and_cover_the_researchers_values():
     nan = load_space(REPO / "sweeps" / "stage1_nan.yaml")
     lr = {p.name: p for p in nan.params}["scratch.lr_scale"]
     assert lr.log and lr.low < 0.1 < lr.high
-    # its pruner: one successive-halving bracket, first rung at the first evaluation, on val Dice
+    # its pruner: one successive-halving bracket, one rung half-way, on the semantic head's val Dice
     import optuna
 
     from angioexp.sweep.cli import build_pruner
 
     pruner = build_pruner(nan)
-    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and nan.pruning_metric == "val/dice"
-    assert pruner._min_resource == nan.build_config().train.eval_every == 40
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and nan.pruning_metric == "val/semantic/dice"
+    assert pruner._min_resource == nan.build_config().train.max_steps // 2 == 120
     stage2 = load_space(REPO / "sweeps" / "stage2.yaml")
     assert stage2.multi_objective and stage2.sampler.name == "nsga2" and stage2.pruner.name == "none"
 

@@ -10,7 +10,7 @@ import torch
 
 from angioexp.checkpoints import read_checkpoint
 from angioexp.config import load_config
-from angioexp.errors import CheckpointLoadError, InputError, TrainingDiverged
+from angioexp.errors import CheckpointLoadError, ConfigError, InputError, TrainingDiverged
 from angioexp.losses import build_criterion
 from angioexp.train.callbacks import Callback
 from angioexp.train.loop import train
@@ -149,6 +149,56 @@ def test_an_lr_spike_is_survived(tmp_path, coco1, monkeypatch):
     assert result.nan_events >= 2 and result.restores >= 1 and result.steps == 12
     assert all(torch.isfinite(p).all() for p in read_checkpoint(result.checkpoint)["model"].values())
     assert math.isfinite(rec.steps[-1][1]["train/loss"])
+
+
+class ExplodeAt(NanAt):
+    """The real objective, except that the loss is 1000× larger (still finite) at the given steps."""
+
+    def __call__(self, outputs, targets):
+        losses = self.criterion(outputs, targets)
+        if self.calls in self.bad:
+            losses["loss"] = losses["loss"] * 1000.0
+        self.calls += 1
+        return losses
+
+
+def test_an_exploding_finite_loss_is_a_bad_step_and_can_end_the_run(tmp_path, coco1):
+    # One exploding step is skipped like a NaN step (kind "explosion"), the reference being the
+    # run's first loss; a run that keeps exploding through every restore is declared diverged.
+    cfg = _cfg(tmp_path, "nan_guard.max_consecutive=2", "nan_guard.max_restores=1", steps=20)
+    rec = Recorder()
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, coco_dir=coco1, callbacks=[rec], criterion=ExplodeAt(cfg, {2, *range(5, 20)}))
+    kinds = [(s, e["kind"], e["action"]) for s, e in rec.nan]
+    assert kinds[0] == (2, "explosion", "skip")
+    assert [(s, a) for s, _, a in kinds] == [(2, "skip"), (5, "skip"), (6, "restore"), (7, "skip")]
+    assert "nan_guard.max_loss_ratio" in rec.nan[0][1]["detail"] and info.value.step == 8
+    assert all(h["kind"] == "explosion" for h in info.value.history)
+
+    # With the check off, the same losses are ordinary steps: the run completes.
+    cfg_off = _cfg(tmp_path / "off", "nan_guard.max_loss_ratio=null", steps=8)
+    result = train(cfg_off, coco_dir=coco1, callbacks=[rec := Recorder()], criterion=ExplodeAt(cfg_off, {2, 5}))
+    assert result.nan_events == 0 and result.steps == 8 and not rec.nan
+
+
+def test_the_guard_checks_losses_against_the_runs_first_loss():
+    from angioexp.config import NanGuardConfig
+    from angioexp.train.nan_guard import NanGuard
+
+    model = torch.nn.Linear(2, 1)
+    guard = NanGuard(NanGuardConfig(max_loss_ratio=100.0), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert guard.check_loss(torch.tensor(2.0)) is None and guard.reference_loss == 2.0
+    assert guard.check_loss(150.0) is None  # 75×: a spike, not an explosion
+    kind, detail = guard.check_loss(torch.tensor(250.0))
+    assert kind == "explosion" and "250" in detail and "initial loss 2" in detail
+    assert guard.check_loss(float("inf"))[0] == "loss" and guard.check_loss(float("nan"))[0] == "loss"
+    restored = NanGuard(NanGuardConfig(), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    restored.load_state_dict(guard.state_dict())  # --resume keeps the reference
+    assert restored.check_loss(250.0)[0] == "explosion"
+    off = NanGuard(NanGuardConfig(max_loss_ratio=None), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert off.check_loss(1.0) is None and off.check_loss(1e9) is None
+    with pytest.raises(ConfigError, match="nan_guard.max_loss_ratio"):
+        load_config(None, ["nan_guard.max_loss_ratio=0.5"])
 
 
 class KillAfterCheckpoint(Callback):

@@ -9,8 +9,9 @@ outcome    state      when
 =========  =========  ======================================================================
 complete   COMPLETE   the run finished; its value(s) are the objective metric(s)
 pruned     PRUNED     the pruner stopped it after an evaluation (``pruned_at_step``)
-nan        PRUNED     the NaN guard gave up (``TrainingDiverged``) or the score is not finite;
-                      attrs ``step``, ``lr``, ``events`` — pruned, never scored as 0 or lost
+nan        PRUNED     the NaN guard gave up (``TrainingDiverged``: NaN/Inf or exploding losses,
+                      attr ``divergence``) or the score is not finite; attrs ``step``, ``lr``,
+                      ``events`` — pruned, never scored as 0 or lost
 oom        FAIL       out of (GPU or host) memory
 crash      FAIL       any other exception (``error``, ``traceback``)
 =========  =========  ======================================================================
@@ -214,7 +215,8 @@ class Objective:
         except TrainingDiverged as exc:
             outcome, state, error = "nan", "PRUNED", exc
             self._record_divergence(trial, exc.step, exc.lr, exc.events, exc.history)
-            raise optuna.TrialPruned(f"diverged (NaN) at step {exc.step}, lr {exc.lr:.3g}, {exc.events} events") from None
+            raise optuna.TrialPruned(f"diverged ({_divergence(exc.history)}) at step {exc.step}, lr {exc.lr:.3g}, "
+                                     f"{exc.events} events") from None
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 outcome, error = "interrupted", exc
@@ -248,7 +250,7 @@ class Objective:
         if result.diverged:
             last = (result.history or [{}])[-1]
             self._record_divergence(trial, last.get("step", result.steps), last.get("lr", float("nan")), result.nan_events, result.history)
-            problem = ("nan", f"diverged (NaN) at step {last.get('step', result.steps)}")
+            problem = ("nan", f"diverged ({_divergence(result.history)}) at step {last.get('step', result.steps)}")
         else:
             missing = [m for m in space.metrics if m not in metrics]
             if missing:
@@ -283,6 +285,14 @@ class Objective:
         trial.set_user_attr("lr", float(lr) if _finite_number(lr) else None)
         trial.set_user_attr("events", int(events))
         trial.set_user_attr("nan_history", [_jsonable(h) for h in list(history or [])[-10:]])
+        trial.set_user_attr("divergence", _divergence(history))
+
+
+def _divergence(history) -> str:
+    """What the guard's bad steps were: "NaN/Inf", "loss explosion" or both."""
+    kinds = {h.get("kind") for h in history or [] if isinstance(h, dict)}
+    names = [name for name, hit in (("NaN/Inf", bool(kinds - {"explosion"})), ("loss explosion", "explosion" in kinds)) if hit]
+    return " + ".join(names) or "NaN/Inf"
 
 
 def _get(cfg, dotted: str):

@@ -28,9 +28,12 @@ from angioexp.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
+# NaN map only: a completed run in which the NaN guard skipped steps (and perhaps backed the LR off)
+RESCUED = "complete, guard stepped in"
 OUTCOME_COLOURS = {
     "complete": "#2ca02c", "pruned": "#1f77b4", "nan": "#d62728", "crash": "#7f7f7f",
     "oom": "#9467bd", "killed": "#ff7f0e", "running": "#bcbd22", "waiting": "#17becf",
+    RESCUED: "#8c564b",
 }
 SECTIONS = (
     ("history", "Optimisation history"),
@@ -144,7 +147,10 @@ def nan_map_figure(trials: list[FrozenTrial]):
     fig = go.Figure()
     by_outcome: dict[str, list[FrozenTrial]] = {}
     for t in trials:
-        by_outcome.setdefault(outcome_of(t), []).append(t)
+        outcome = outcome_of(t)
+        if outcome == "complete" and (t.user_attrs.get("nan_events") or 0) > 0:
+            outcome = RESCUED
+        by_outcome.setdefault(outcome, []).append(t)
     for outcome, group in sorted(by_outcome.items()):
         xs, ys, texts = [], [], []
         for t in group:
@@ -157,8 +163,8 @@ def nan_map_figure(trials: list[FrozenTrial]):
             detail = [f"trial {t.number}: {outcome}"]
             if t.values:
                 detail.append("values " + ", ".join(f"{v:.4g}" for v in t.values))
-            for key in ("step", "lr", "events", "pruned_at_step", "error"):
-                if t.user_attrs.get(key) is not None:
+            for key in ("step", "lr", "events", "nan_events", "pruned_at_step", "error"):
+                if t.user_attrs.get(key) is not None and not (key == "nan_events" and not t.user_attrs[key]):
                     detail.append(f"{key} {t.user_attrs[key]}")
             texts.append("<br>".join(html.escape(str(d))[:200] for d in detail))
         if xs:

@@ -4,7 +4,7 @@
         lr      = base_lr(group) · InverseSquareRoot(step) · guard.lr_factor
         batch   = data.batch(step)                      # keyed by (seed, step): exact resume
         loss    = criterion(model(batch))               # bf16 autocast on CUDA, losses in fp32
-        if loss not finite:      guard.bad_step → skip (K in a row: restore + LR backoff)
+        if loss not finite or exploded: guard.bad_step → skip (K in a row: restore + LR backoff)
         backward, clip grad norm
         if grad norm not finite: guard.bad_step
         optimizer.step; guard.good_step; ema.update   # evaluations score the EMA weights
@@ -264,10 +264,14 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
             losses = criterion(outputs, batch.targets)
             loss = losses["loss"]
             grad_norm = None
-            if not guard.finite(loss, device):
-                bad = sorted(k for k, v in losses.items() if k != "loss" and not torch.isfinite(torch.as_tensor(v)).all())
+            problem = guard.check_loss(loss, device)
+            if problem is not None:
+                kind, detail = problem
+                if kind == "loss":
+                    bad = sorted(k for k, v in losses.items() if k != "loss" and not torch.isfinite(torch.as_tensor(v)).all())
+                    detail = "non-finite: " + (", ".join(bad) or "loss")
                 _restore_buffers(model, saved_buffers)
-                event = guard.bad_step(step, "loss", detail="non-finite: " + (", ".join(bad) or "loss"))
+                event = guard.bad_step(step, kind, detail=detail)
                 cbs.on_nan_event(step, event.__dict__)
             else:
                 optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,12 @@
 Semantics (the same in ``core`` and ``sam3``):
 
 * a step whose loss or gradient norm is not finite is **skipped** (no optimizer step) and
-  counted as an event;
+  counted as an event; so is a step whose finite loss has **exploded** past
+  ``max_loss_ratio`` × the run's initial loss (its first finite loss: the loss before any update,
+  which later steps of a fast-diverging run cannot contaminate). In fp32 a diverging run need
+  not overflow at all (loss ×10⁴–10⁶ and gradient norms 10¹³ for as long as it runs, learning
+  nothing). Healthy runs stay within ~2× of their initial loss (every run on record), so the
+  default ratio of 100 leaves a wide margin;
 * after ``max_consecutive`` bad steps in a row the model and optimizer are **restored** to the
   last good snapshot and every learning rate is multiplied by ``lr_backoff`` (the backoff
   compounds: ``lr_factor = lr_backoff ** restores``);
@@ -46,7 +51,7 @@ def is_finite(value) -> bool:
 @dataclass
 class NanEvent:
     step: int
-    kind: str  # "loss" | "grad"
+    kind: str  # "loss" (non-finite) | "explosion" (finite, past max_loss_ratio) | "grad"
     lr: float  # learning rate (first param group) in force at the bad step
     action: str  # "skip" | "restore"
     detail: str = ""
@@ -63,6 +68,7 @@ class NanGuard:
     history: list[NanEvent] = field(default_factory=list)
     _snapshot: dict | None = None
     _good_steps: int = 0
+    reference_loss: float | None = None  # the run's first finite loss
 
     @property
     def lr_factor(self) -> float:
@@ -72,6 +78,22 @@ class NanGuard:
     def finite(self, value, device: torch.device | None = None) -> bool:
         """True when ``value`` is finite on every rank."""
         return _all_ranks_true(is_finite(value), device)
+
+    def check_loss(self, loss, device: torch.device | None = None) -> tuple[str, str] | None:
+        """None when ``loss`` may be stepped on (on every rank), else ``(kind, detail)`` for
+        :meth:`bad_step`: ``("loss", ...)`` non-finite, ``("explosion", ...)`` past the ratio."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not self.finite(value, device):
+            return "loss", f"non-finite loss {value}"
+        ratio = self.cfg.max_loss_ratio
+        exploded = bool(ratio) and self.reference_loss is not None and value > ratio * self.reference_loss
+        if not _all_ranks_true(not exploded, device):
+            return "explosion", (f"loss {value:.4g} > {ratio:g} × initial loss {self.reference_loss:.4g} "
+                                 "(nan_guard.max_loss_ratio)" if exploded else "loss exploded on another rank")
+        if self.reference_loss is None:
+            # floor: a loss of ~0 would make every fluctuation an "explosion"
+            self.reference_loss = max(value, 1e-3)
+        return None
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer.param_groups else float("nan")
@@ -133,12 +155,14 @@ class NanGuard:
         }
 
     def state_dict(self) -> dict:
-        return {"events": self.events, "restores": self.restores, "consecutive": self.consecutive}
+        return {"events": self.events, "restores": self.restores, "consecutive": self.consecutive,
+                "reference_loss": self.reference_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self.events = int(state.get("events", 0))
         self.restores = int(state.get("restores", 0))
         self.consecutive = int(state.get("consecutive", 0))
+        self.reference_loss = state.get("reference_loss")
 
 
 def _to_cpu(obj):

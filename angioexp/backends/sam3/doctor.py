@@ -281,8 +281,8 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
             "nan_kills_run", "warning", "trainer._target_",
             "Trainer._run_step raises FloatingPointError on the first non-finite loss (the run dies; with "
             "AMP, non-finite gradients are skipped silently by the GradScaler)",
-            "skip bad steps, restore + back off the LR after repeats, count events",
-            "nan_guard.max_consecutive / lr_backoff / max_restores (GuardedTrainer)"))
+            "skip bad (non-finite or exploding) steps, restore + back off the LR after repeats, count events",
+            "nan_guard.max_consecutive / lr_backoff / max_restores / max_loss_ratio (GuardedTrainer)"))
 
     # Loss weights ---------------------------------------------------------------------------------------------
     for path, node in masks_losses[:1]:

@@ -5,8 +5,9 @@ run dies (with AMP, non-finite *gradients* are silently skipped by the GradScale
 :class:`GuardedTrainer` applies :mod:`angioexp.train.nan_guard` — the same rules as the core
 backend:
 
-* a non-finite loss or gradient norm → the step is **skipped** (gradients dropped, so the
-  optimizer leaves every weight alone) and counted (``train/nan_events``);
+* a non-finite loss or gradient norm, or a loss past ``nan_guard.max_loss_ratio`` × the run's
+  initial loss → the step is **skipped** (gradients dropped, so the optimizer leaves every
+  weight alone) and counted (``train/nan_events``);
 * snapshots are taken when a step's loss and gradients are finite — before SAM3's loop applies
   that step's update, so the model and optimizer state in a snapshot always belong together;
 * ``nan_guard.max_consecutive`` bad steps in a row → **restore** the last good snapshot and
@@ -121,8 +122,9 @@ class GuardedTrainer(Trainer):
                 (loss_key, loss), = loss_dict.items()
                 if self.loss_hook is not None:
                     loss = self.loss_hook(loss, step)
-                if not self.guard.finite(loss, self.device):
-                    self._bad_step(step, "loss", f"loss {float(loss.detach()):.4g}")
+                problem = self.guard.check_loss(loss, self.device)
+                if problem is not None:
+                    self._bad_step(step, *problem)
                     return
                 self.scaler.scale(loss).backward()
                 loss_mts[loss_key].update(loss.item(), batch_size)
