@@ -18,7 +18,7 @@ from optuna.trial import TrialState, create_trial
 from browser_check import chromium_path, plot_area_not_blank, render
 
 from angioexp.cli import main as angioexp_main
-from angioexp.sweep.report import build_report, report_figures
+from angioexp.sweep.report import RESCUED, build_report, report_figures
 
 DISTS = {
     "scratch.lr_scale": FloatDistribution(1e-3, 1e3, log=True),
@@ -43,7 +43,8 @@ def _study(storage: str, name: str, *, directions=("maximize",), trials: bool = 
             continue
         score = 0.6 - abs(i - 3) * 0.08
         values = [score, 0.5 + 0.03 * i][: len(directions)]
-        attrs.update(outcome="complete", metrics={"val/AP75_tol": score, "val/AP75": score / 5, "val/dice": 0.8})
+        attrs.update(outcome="complete", metrics={"val/AP75_tol": score, "val/AP75": score / 5, "val/dice": 0.8},
+                     nan_events=3 if i == 4 else 0)  # trial 4: the guard skipped steps, the run recovered
         intermediate = {20: score * 0.5, 40: score * 0.8, 60: score} if len(directions) == 1 else None
         study.add_trial(create_trial(state=TrialState.COMPLETE, values=values, params=params, distributions=DISTS,
                                      user_attrs=attrs, intermediate_values=intermediate))
@@ -65,6 +66,8 @@ def test_report_has_every_section_and_an_offline_plotly(tmp_path):
     nan_map = report_figures(study)["nan-map"]
     names = {trace.name.split(" ")[0] for trace in nan_map.data}
     assert {"complete", "nan"} <= names  # (the crashed trial has no lr_scale attr → not placed)
+    rescued = [trace for trace in nan_map.data if trace.name.startswith(RESCUED)]
+    assert len(rescued) == 1 and len(rescued[0].x) == 1 and "nan_events 3" in rescued[0].text[0]
     with open(page.parent / "trials.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 11 and [r["outcome"] for r in rows].count("nan") == 4
