@@ -34,12 +34,17 @@ from angioexp.errors import TrainingDiverged
 log = logging.getLogger(__name__)
 
 
-def _all_ranks_true(flag: bool, device: torch.device | None = None) -> bool:
+def _max_over_ranks(value: float, device: torch.device | None = None) -> float:
+    """``value``'s maximum over all ranks (``value`` itself outside DDP)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device or torch.device("cpu"))
+        return value
+    t = torch.tensor([value], device=device or torch.device("cpu"))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() == 0.0)
+    return float(t.item())
+
+
+def _all_ranks_true(flag: bool, device: torch.device | None = None) -> bool:
+    return _max_over_ranks(0.0 if flag else 1.0, device) == 0.0
 
 
 def is_finite(value) -> bool:
@@ -83,11 +88,14 @@ class NanGuard:
         """None when ``loss`` may be stepped on (on every rank), else ``(kind, detail)`` for
         :meth:`bad_step`: ``("loss", ...)`` non-finite, ``("explosion", ...)`` past the ratio."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        if not self.finite(value, device):
-            return "loss", f"non-finite loss {value}"
+        finite = math.isfinite(value)
         ratio = self.cfg.max_loss_ratio
-        exploded = bool(ratio) and self.reference_loss is not None and value > ratio * self.reference_loss
-        if not _all_ranks_true(not exploded, device):
+        exploded = finite and bool(ratio) and self.reference_loss is not None and value > ratio * self.reference_loss
+        # one collective per step: 2 = non-finite somewhere, 1 = exploded somewhere, 0 = fine
+        worst = _max_over_ranks(0.0 if finite and not exploded else (1.0 if finite else 2.0), device)
+        if worst == 2.0:
+            return "loss", f"non-finite loss {value}" if not finite else "non-finite loss on another rank"
+        if worst == 1.0:
             return "explosion", (f"loss {value:.4g} > {ratio:g} × initial loss {self.reference_loss:.4g} "
                                  "(nan_guard.max_loss_ratio)" if exploded else "loss exploded on another rank")
         if self.reference_loss is None:
