@@ -50,6 +50,15 @@ def coco_stage2(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """models:/ and runs:/ downloads go to the session's temp folder, never the user's ~/.cache
+    (session scope: module fixtures that train and resolve models run inside it too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANGIOEXP_MODEL_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+        yield
+
+
 @pytest.fixture()
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store (real MLflow, no mocks) with artifacts under tmp_path."""

@@ -21,7 +21,7 @@ from sam3.train.utils.train_utils import AverageMeter  # noqa: E402
 
 from angioexp.backends.sam3.trainer import GuardedTrainer, SkippableScaler  # noqa: E402
 from angioexp.config import NanGuardConfig  # noqa: E402
-from angioexp.errors import TrainingDiverged  # noqa: E402
+from angioexp.errors import InputError, TrainingDiverged  # noqa: E402
 
 pytestmark = pytest.mark.sam3
 LOSS_KEY = "Losses/train_all_loss"
@@ -116,6 +116,24 @@ def test_an_exploding_finite_loss_is_skipped_like_a_nan(tmp_path):
     assert event["kind"] == "explosion" and "nan_guard.max_loss_ratio" in event["detail"]
     sam3_step(t)
     assert not same(before, weights(t))
+
+
+def test_too_little_disk_for_checkpoints_fails_before_the_first_step(tmp_path):
+    """The real free space of tmp_path against what the run will write: the 5-parameter model
+    fits; with a 10¹⁵-element parameter (on the meta device: sized, never allocated) it cannot."""
+    t = make_trainer(tmp_path)
+    t.mode, t.skip_saving_ckpts, t.max_epochs, t.epoch = "train", False, 2, 0
+    t.checkpoint_conf = SimpleNamespace(save_dir=str(tmp_path / "run" / "checkpoints"))  # not created yet
+    t._check_disk_for_checkpoints()
+    t.model.huge = torch.nn.Parameter(torch.empty(10**15, device="meta"))
+    t.optim.optimizer.add_param_group({"params": [t.model.huge]})
+    with pytest.raises(InputError) as info:
+        t._check_disk_for_checkpoints()
+    message = str(info.value)
+    assert info.value.key == "train.out_dir" and str(tmp_path / "run" / "checkpoints") in message
+    assert "needs ~24000000.0 GB" in message and "model 4000000.0 GB + AdamW state 8000000.0 GB" in message
+    t.skip_saving_ckpts = True  # save_checkpoints=False (timing runs) writes nothing
+    t._check_disk_for_checkpoints()
 
 
 def test_skip_with_amp_needs_the_skippable_scaler(tmp_path):

@@ -90,6 +90,48 @@ def test_versions_aliases_and_decisions(store_uri, tmp_path):
     assert by_id.run_id == run1
 
 
+def test_downloads_go_to_one_cache_entry_per_model(store_uri, tmp_path, monkeypatch):
+    """Without dst, models:/ downloads land in the model cache once per model (registered and
+    logged models are immutable) and leave nothing behind in the temp dir; runs:/ artifacts can
+    change, so they are fetched again into the same entry."""
+    import os
+    import tempfile
+
+    from angioexp.tracking.models import model_cache_dir
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ANGIOEXP_MODEL_CACHE", str(cache))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    _, state1, run1, info1 = _train_and_register(tmp_path, seed=1, ap75_tol=0.4)
+    assert model_cache_dir() == cache
+
+    first = resolve_model("models:/angio-stage1@champion")
+    again = resolve_model("models:/angio-stage1/1")
+    by_id = resolve_model(f"models:/{info1.model_id}")
+    assert first.weights == again.weights == by_id.weights  # one entry: the version's logged model
+    assert first.weights.parent.parent == cache and first.config["stage"] == 1 and first.info
+    assert all(torch.equal(extract_state_dict(read_checkpoint(first.weights))[k], state1[k]) for k in state1)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == 1 and entries[0].startswith(info1.model_id), entries
+    mtime = os.stat(first.weights).st_mtime_ns
+    assert os.stat(resolve_model("models:/angio-stage1@champion").weights).st_mtime_ns == mtime  # not re-downloaded
+
+    # runs:/: a changed artifact is seen on the next resolve, in the same cache entry
+    client = mlflow.MlflowClient()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    client.log_artifact(run1, str(tmp_path / "weights.pt"), artifact_path="init")
+    one = resolve_model(f"runs:/{run1}/init/weights.pt")
+    assert torch.equal(torch.load(one.weights, weights_only=True)["w"], torch.zeros(2)) and one.run_id == run1
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    client.log_artifact(run1, str(tmp_path / "weights.pt"), artifact_path="init")
+    two = resolve_model(f"runs:/{run1}/init/weights.pt")
+    assert two.weights == one.weights and torch.equal(torch.load(two.weights, weights_only=True)["w"], torch.ones(2))
+    assert len(list(cache.iterdir())) == 2  # no half-written or superseded entries left
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_non_finite_primary_metric_never_becomes_champion(store_uri, tmp_path):
     _train_and_register(tmp_path, seed=1, ap75_tol=0.2)
     reg, *_ = _train_and_register(tmp_path, seed=2, ap75_tol=float("nan"))

@@ -91,7 +91,11 @@ def run(quick: bool) -> list[Figure]:
     import torch
 
     torch.set_num_threads(2)
-    root = Path(tempfile.mkdtemp(prefix="angioexp-bench-quality-"))
+    with tempfile.TemporaryDirectory(prefix="angioexp-bench-quality-") as tmp:  # ~1 GB of runs and data
+        return _measure(Path(tmp), quick)
+
+
+def _measure(root: Path, quick: bool) -> list[Figure]:
     cache = Path(os.environ.get("ANGIOEXP_BENCH_CACHE", root / "data"))
     t_total = time.perf_counter()
     s1 = train_and_score(benchmark_config(1, cache, root / "s1", quick=quick))

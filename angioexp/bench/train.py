@@ -68,13 +68,13 @@ def run(quick: bool) -> list[Figure]:
 
     torch.set_num_threads(2)
     steps = 2 if quick else 6
-    root = Path(tempfile.mkdtemp(prefix="angioexp-bench-train-"))
-    coco = Path(prepare(DataConfig(synth_cases=12, synth_size=512, synth_frames=2, cache_dir=str(root)), 1))
-    n_val = len(__import__("json").loads((coco / "val" / "annotations.json").read_text())["images"])
-    ips_256, params = _images_per_s(coco, 512, 256, steps)
-    ips_512, _ = _images_per_s(coco, 512, None, max(1, steps // 2))
-    ips_half, _ = _images_per_s(coco, 256, None, steps)
-    infer = _inference_per_s(coco, 512, n_val)
+    with tempfile.TemporaryDirectory(prefix="angioexp-bench-train-") as root:
+        coco = Path(prepare(DataConfig(synth_cases=12, synth_size=512, synth_frames=2, cache_dir=root), 1))
+        n_val = len(__import__("json").loads((coco / "val" / "annotations.json").read_text())["images"])
+        ips_256, params = _images_per_s(coco, 512, 256, steps)
+        ips_512, _ = _images_per_s(coco, 512, None, max(1, steps // 2))
+        ips_half, _ = _images_per_s(coco, 256, None, steps)
+        infer = _inference_per_s(coco, 512, n_val)
     how = f"default model ({params / 1e6:.2f} M params), batch 8, SAM3 objective, median of {steps} steps"
     return [
         Figure("train images/s, 256² crops of 512² frames (default)", ips_256, "img/s", goal=f">= {GOAL_256:g}",

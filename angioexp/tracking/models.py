@@ -18,10 +18,13 @@ our own code on a plain state dict.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import warnings
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from angioexp.errors import InputError
+from angioexp.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +428,7 @@ def _from_version(client, uri: str, mv, *, dst) -> ResolvedModel:
     if model_id:
         resolved = _from_logged_model(client, uri, model_id, dst=dst)
     else:  # a version registered from a run artifact or a path
-        resolved = _download_model_dir(uri, source, dst=dst)
+        resolved = _download_model_dir(uri, source, dst=dst, label=f"{mv.name}-v{mv.version}")
     resolved.model_name, resolved.version = mv.name, str(mv.version)
     resolved.run_id = resolved.run_id or mv.run_id
     return resolved
@@ -437,46 +441,92 @@ def _from_logged_model(client, uri: str, model_id: str, *, dst) -> ResolvedModel
         logged = client.get_logged_model(model_id)
     except MlflowException:
         raise _bad(uri, f"logged model '{model_id}' does not exist") from None
-    resolved = _download_model_dir(uri, logged.artifact_location, dst=dst)
+    resolved = _download_model_dir(uri, logged.artifact_location, dst=dst, label=model_id)
     resolved.model_id = model_id
     resolved.run_id = logged.source_run_id
     return resolved
 
 
-def _download_model_dir(uri: str, artifact_uri: str, *, dst) -> ResolvedModel:
+def model_cache_dir() -> Path:
+    """Where ``models:/`` and ``runs:/`` downloads are kept: ``$ANGIOEXP_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/angioexp/models`` (``~/.cache/angioexp/models``). Delete it freely."""
+    explicit = os.environ.get("ANGIOEXP_MODEL_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "angioexp" / "models"
+
+
+def _cache_entry(label: str, artifact_uri: str) -> Path:
+    import mlflow
+
+    # mlflow-artifacts:/ URIs are relative to their server, so the server is part of the key
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{artifact_uri}".encode()).hexdigest()[:16]
+    return model_cache_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)[:60]}-{key}"
+
+
+def _download_into(dst, label: str, artifact_uri: str, fetch, *, reuse: bool) -> Path:
+    """Run ``fetch(folder)`` — it downloads ``artifact_uri`` into ``folder`` and returns the local
+    path MLflow gave it — and return that path after publishing (or the folder on cache reuse).
+
+    With ``dst`` that folder is ``dst``. Without it, the download goes to the model cache — one
+    entry per artifact URI, published whole by a rename so a failed or concurrent download never
+    leaves a half entry. ``reuse``: registered and logged models are immutable, so a published
+    entry is used as it is; a run's artifacts can still change, so ``runs:/`` re-downloads and
+    replaces its entry. (Temporary folders here leaked a copy of the weights per run: 3.4 GB for SAM3.)"""
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(fetch(str(dst)))
+    entry = _cache_entry(label, artifact_uri)
+    if reuse and entry.is_dir():
+        log.info("model cache: %s (already downloaded)", entry)
+        return entry
+    with atomic_dir(entry, overwrite=True) as tmp:
+        local = Path(fetch(str(tmp))).resolve()
+        relative = local.relative_to(Path(tmp).resolve())
+    return entry / relative
+
+
+def _download_model_dir(uri: str, artifact_uri: str, *, dst, label: str) -> ResolvedModel:
     """Download the model's artifacts/ folder (weights + config) — not the whole model."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    dst = str(dst) if dst is not None else tempfile.mkdtemp(prefix="angioexp-init-")
     base = artifact_uri.rstrip("/")
-    try:
-        weights = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/artifacts/{WEIGHTS_FILE}", dst_path=dst))
-    except (MlflowException, OSError) as exc:
-        raise _bad(uri, f"the model has no artifacts/{WEIGHTS_FILE} (not logged by angioexp?): {exc}") from None
-    config = info = None
-    for name in (CONFIG_FILE, INFO_FILE):
+
+    def fetch(folder: str) -> str:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/artifacts/{name}", dst_path=dst))
-        except (MlflowException, OSError):
-            continue
-        if name == CONFIG_FILE:
-            config = _read_config(local)
-        else:
-            info = json.loads(local.read_text(encoding="utf-8"))
-    return ResolvedModel(uri=uri, weights=weights, config=config, info=info or {})
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/artifacts/{WEIGHTS_FILE}", dst_path=folder)
+        except (MlflowException, OSError) as exc:
+            raise _bad(uri, f"the model has no artifacts/{WEIGHTS_FILE} (not logged by angioexp?): {exc}") from None
+        for name in (CONFIG_FILE, INFO_FILE):  # optional
+            with contextlib.suppress(MlflowException, OSError):
+                mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/artifacts/{name}", dst_path=folder)
+        return folder
+
+    folder = _download_into(dst, label, base, fetch, reuse=True)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise _bad(uri, f"download of artifacts/{WEIGHTS_FILE} produced no {weights}")
+    info_path = folder / INFO_FILE
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    return ResolvedModel(uri=uri, weights=weights, config=_read_config(folder / CONFIG_FILE), info=info)
 
 
 def _from_runs_uri(uri: str, *, dst) -> ResolvedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    dst = str(dst) if dst is not None else tempfile.mkdtemp(prefix="angioexp-init-")
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
-    except (MlflowException, OSError) as exc:
-        raise _bad(uri, f"cannot download: {exc}") from None
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def fetch(folder: str) -> str:
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        except (MlflowException, OSError) as exc:
+            raise _bad(uri, f"cannot download: {exc}") from None
+
     run_id = uri[len("runs:/"):].split("/", 1)[0]
+    local = _download_into(dst, f"run-{run_id}-{name}", uri, fetch, reuse=False)
     if local.is_dir():
         inner = resolve_model(str(local))
         inner.uri, inner.run_id = uri, run_id

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from sam3.train.trainer import Trainer
 
 from angioexp.config import NanGuardConfig
+from angioexp.errors import InputError
 from angioexp.train.nan_guard import NanGuard
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,8 @@ class GuardedTrainer(Trainer):
         return super().run_val()
 
     def run(self):
+        if self.mode in ("train", "train_only") and self.distributed_rank == 0:
+            self._check_disk_for_checkpoints()
         try:
             super().run()
             self._write_event({"kind": "end", "step": self.steps["train"], "epoch": self.epoch})
@@ -191,6 +195,37 @@ class GuardedTrainer(Trainer):
             writer = self._writer()
             if writer is not None and hasattr(writer, "close"):
                 writer.close()
+
+    def _check_disk_for_checkpoints(self) -> None:
+        """Fail before the first step, not at the first save an epoch later, when the checkpoint
+        folder cannot hold what this run will write: SAM3 saves model + AdamW state (~10 GB at
+        840 M parameters) to ``checkpoint.pt.tmp`` beside the previous ``checkpoint.pt``, and the
+        parent then exports the model's weights (~3.4 GB)."""
+        if self.skip_saving_ckpts:
+            return
+        folder = Path(self.checkpoint_conf.save_dir)
+        model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        trainable = [p for group in self.optim.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        adam_bytes = 2 * sum(p.numel() * p.element_size() for p in trainable)  # exp_avg + exp_avg_sq
+        checkpoint_bytes = model_bytes + adam_bytes
+        more_saves = self.max_epochs - self.epoch > 1
+        if (folder / "checkpoint.pt").exists():  # resumed: the old one is already on disk
+            needed = max(checkpoint_bytes, model_bytes)
+        else:
+            needed = checkpoint_bytes + max(checkpoint_bytes if more_saves else 0, model_bytes)
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        gb = 1e9
+        log.info("checkpoints: ~%.1f GB each (model %.1f GB + AdamW %.1f GB); %.1f GB needed, %.1f GB free under %s",
+                 checkpoint_bytes / gb, model_bytes / gb, adam_bytes / gb, needed / gb, free / gb, probe)
+        if free < needed:
+            raise InputError(
+                f"not enough disk space for SAM3 checkpoints in {folder}: this run needs ~{needed / gb:.1f} GB "
+                f"(each checkpoint is model {model_bytes / gb:.1f} GB + AdamW state {adam_bytes / gb:.1f} GB, written "
+                f"beside the previous one, then the weights are exported), {free / gb:.1f} GB is free; free space or "
+                "train elsewhere (--out)", key="train.out_dir")
 
     def _write_event(self, event: dict) -> None:
         if self.events_path is None or self.distributed_rank != 0:
