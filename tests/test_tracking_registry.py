@@ -131,6 +131,17 @@ def test_downloads_go_to_one_cache_entry_per_model(store_uri, tmp_path, monkeypa
     assert len(list(cache.iterdir())) == 2  # no half-written or superseded entries left
     assert list((tmp_path / "tmp").iterdir()) == []
 
+    # a failed download names the URI and leaves no entry; an unusable cache names its variable
+    with pytest.raises(InputError, match="cannot download") as info:
+        resolve_model(f"runs:/{run1}/init/missing.pt")
+    assert f"runs:/{run1}/init/missing.pt" in str(info.value) and len(list(cache.iterdir())) == 2
+    assert not any(p.name.startswith(".") for p in cache.iterdir())
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("ANGIOEXP_MODEL_CACHE", str(tmp_path / "a-file" / "models"))
+    with pytest.raises(InputError, match="as the model cache") as info:
+        resolve_model("models:/angio-stage1/1")
+    assert info.value.key == "ANGIOEXP_MODEL_CACHE" and str(tmp_path / "a-file") in str(info.value)
+
 
 def test_non_finite_primary_metric_never_becomes_champion(store_uri, tmp_path):
     _train_and_register(tmp_path, seed=1, ap75_tol=0.2)

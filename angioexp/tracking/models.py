@@ -478,6 +478,10 @@ def _download_into(dst, label: str, artifact_uri: str, fetch, *, reuse: bool) ->
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(fetch(str(dst)))
     entry = _cache_entry(label, artifact_uri)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use {entry.parent} as the model cache: {exc}", key="ANGIOEXP_MODEL_CACHE") from None
     if reuse and entry.is_dir():
         log.info("model cache: %s (already downloaded)", entry)
         return entry

@@ -208,11 +208,10 @@ class GuardedTrainer(Trainer):
         trainable = [p for group in self.optim.optimizer.param_groups for p in group["params"] if p.requires_grad]
         adam_bytes = 2 * sum(p.numel() * p.element_size() for p in trainable)  # exp_avg + exp_avg_sq
         checkpoint_bytes = model_bytes + adam_bytes
-        more_saves = self.max_epochs - self.epoch > 1
         if (folder / "checkpoint.pt").exists():  # resumed: the old one is already on disk
-            needed = max(checkpoint_bytes, model_bytes)
-        else:
-            needed = checkpoint_bytes + max(checkpoint_bytes if more_saves else 0, model_bytes)
+            needed = checkpoint_bytes  # the .tmp beside it; the export fits in what it frees
+        else:  # the first checkpoint stays, plus the second one's .tmp, or the export after the last
+            needed = checkpoint_bytes + (checkpoint_bytes if self.max_epochs - self.epoch > 1 else model_bytes)
         probe = folder
         while not probe.exists():
             probe = probe.parent
