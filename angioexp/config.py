@@ -196,12 +196,25 @@ class ViewLossConfig:
 
 
 @dataclass
+class IdentityLossConfig:
+    """Dense segment identity (core, model.identity_head): per-pixel softmax over background + every
+    prompt of the category set, class-weighted cross-entropy + per-class soft Dice + presence BCE."""
+
+    loss_identity_ce: float = 20.0
+    loss_identity_dice: float = 20.0
+    loss_identity_presence: float = 5.0
+    # class weight ∝ (pixel frequency in the batch)^-power: 0 plain CE, 1 fully balanced
+    class_weight_power: float = 0.5
+
+
+@dataclass
 class LossConfig:
     boxes: BoxesLossConfig = field(default_factory=BoxesLossConfig)
     iabce: IABCELossConfig = field(default_factory=IABCELossConfig)
     masks: MasksLossConfig = field(default_factory=MasksLossConfig)
     semantic: SemanticLossConfig = field(default_factory=SemanticLossConfig)
     view: ViewLossConfig = field(default_factory=ViewLossConfig)
+    identity: IdentityLossConfig = field(default_factory=IdentityLossConfig)
 
 
 @dataclass
@@ -247,6 +260,9 @@ class ModelConfig:
     # them loads with these parameters reported as missing.
     context_layers: int = 0
     region_masks: bool = False
+    # Stage 2: one per-pixel softmax over background + every segment prompt (angioexp.model.identity);
+    # Stage 2 evaluations then take each segment's mask and score from it.
+    identity_head: bool = False
 
 
 @dataclass
@@ -283,6 +299,9 @@ class EvalConfig:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     overlays: int = 8  # prediction overlay PNGs per evaluation
+    # Stage 2 with the identity head: relabel the predicted tree branch by branch in anatomical
+    # order (angioexp.postprocess.tree_labels) instead of taking each pixel's most probable segment
+    tree_labelling: bool = False
 
 
 @dataclass
@@ -390,6 +409,7 @@ _CHECKS["matcher.alpha"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 # Tighter than the generic loss checks above (must come after them).
 _CHECKS["loss.masks.oversample_ratio"] = (lambda v: v >= 1 and math.isfinite(v), "must be >= 1")
 _CHECKS["loss.masks.importance_sample_ratio"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_CHECKS["loss.identity.class_weight_power"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,6 +642,12 @@ STAGE_DEFAULTS: dict[tuple[str, int], dict[str, Any]] = {
         "scratch.crop_size": None,
         "model.context_layers": 2,
         "model.region_masks": True,
+        "model.identity_head": True,
+        # the identity head supervises every segment of a frame each step; the per-prompt
+        # decoder (SAM3's objective, kept as an auxiliary task) needs few queries beside it
+        "prompts.positives_per_image": 1,
+        "prompts.negatives_per_image": 1,
+        "tracking.primary_metric": "val/segments/dice_common",
     },
 }
 

@@ -153,6 +153,18 @@ def test_inverse_sqrt_schedule_matches_sam3(warmup, timescale, cooldown):
     assert sched.factor(total) == (0.0 if cooldown else sched.factor(total))
 
 
+def test_a_time_budget_plans_the_cooldown_for_the_steps_that_fit():
+    sched = InverseSquareRoot(10, 40, 20, 600)
+    # 50 steps done at 2 s/step, 200 s left: 100 more steps fit, so the run ends at 150 and the
+    # cool-down runs over steps 130-150 instead of 580-600 (which the budget never reaches).
+    fitted = sched.fitted(50, 2.0, 200.0, 600)
+    assert fitted.total_steps == 150
+    assert fitted.factor(150) == 0.0 and 0 < fitted.factor(140) < sched.factor(140)
+    assert fitted.factor(120) == sched.factor(120)  # warm-up and decay unchanged before the cool-down
+    assert sched.fitted(50, 0.1, 1e6, 600).total_steps == 600  # never past max_steps
+    assert sched.fitted(50, 2.0, -5.0, 600).total_steps == 51  # over budget: ends at the next step
+
+
 @pytest.mark.sam3
 def test_inverse_sqrt_schedule_equals_sam3s_own_class():
     schedulers = pytest.importorskip("sam3.train.optim.schedulers")

@@ -8,7 +8,7 @@ plus the model-side matching SAM3 does in ``Sam3Image._compute_matching``:
         Boxes, IABCEMdetr (and Masks on the final layer only, SAM3's compute_aux=False)
         if the layer has "*_o2m" outputs: the same terms on them with the one-to-many
             matcher (suffix "_o2m", weighted × o2m_weight)
-    SemanticSegCriterion and ViewCriterion on the final layer.
+    SemanticSegCriterion, ViewCriterion and (Stage 2) SegmentIdentityLoss on the final layer.
 
     forward(outputs, targets) → dict[str, Tensor] (scalars):
         every UNWEIGHTED term under SAM3's name, e.g. loss_bbox, loss_giou, loss_ce,
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from angioexp.losses.box_ops import box_cxcywh_to_xyxy
+from angioexp.losses.identity import SegmentIdentityLoss
 from angioexp.losses.loss_fns import Boxes, IABCEMdetr, Masks, SemanticSegCriterion, ViewCriterion
 from angioexp.losses.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher, build_matcher, build_o2m_matcher
 
@@ -41,6 +42,7 @@ _REQUIRED_OUTPUT = {
     Masks: ("pred_masks", "loss.masks.loss_mask / loss_dice (or scratch.enable_segmentation=false)"),
     SemanticSegCriterion: ("semantic_seg", "loss.semantic.* weights (or scratch.enable_segmentation=false)"),
     ViewCriterion: ("view_logits", "loss.view.loss_view"),
+    SegmentIdentityLoss: ("identity_logits", "loss.identity.* weights (or model.identity_head=false)"),
 }
 
 
@@ -89,6 +91,7 @@ class Sam3Criterion(nn.Module):
         instance_losses: list[nn.Module],
         semantic_loss: SemanticSegCriterion | None = None,
         view_loss: ViewCriterion | None = None,
+        identity_loss: SegmentIdentityLoss | None = None,
         o2m_matcher: BinaryOneToManyMatcher | None = None,
         o2m_weight: float = 1.0,
         use_o2m_matcher_on_o2m_aux: bool = False,
@@ -104,6 +107,7 @@ class Sam3Criterion(nn.Module):
         self.instance_losses = nn.ModuleList(instance_losses)
         self.semantic_loss = semantic_loss
         self.view_loss = view_loss
+        self.identity_loss = identity_loss
         self.o2m_matcher = o2m_matcher
         self.o2m_weight = o2m_weight
         self.use_o2m_matcher_on_o2m_aux = use_o2m_matcher_on_o2m_aux
@@ -186,7 +190,7 @@ class Sam3Criterion(nn.Module):
                     total = total + self.o2m_weight * _weighted_sum(values, term.weight_dict)
                     losses.update({f"{k}{suffix}_o2m": v for k, v in values.items()})
 
-        for term in (self.semantic_loss, self.view_loss):
+        for term in (self.semantic_loss, self.view_loss, self.identity_loss):
             if term is None or not self._usable(term, outputs):
                 continue
             if isinstance(term, ViewCriterion) and targets.get("view_labels") is None:
@@ -252,6 +256,12 @@ def build_criterion(cfg) -> Sam3Criterion:
         instance_losses=instance_losses,
         semantic_loss=semantic,
         view_loss=ViewCriterion(weight_dict={"loss_view": loss.view.loss_view}),
+        identity_loss=SegmentIdentityLoss(
+            weight_dict={"loss_identity_ce": loss.identity.loss_identity_ce,
+                         "loss_identity_dice": loss.identity.loss_identity_dice,
+                         "loss_identity_presence": loss.identity.loss_identity_presence},
+            class_weight_power=loss.identity.class_weight_power,
+        ) if cfg.model.identity_head and cfg.backend == "core" else None,
         o2m_matcher=build_o2m_matcher(cfg) if cfg.o2m.enabled else None,
         o2m_weight=cfg.o2m.o2m_weight,
     )

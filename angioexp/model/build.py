@@ -33,6 +33,7 @@ def build_model(cfg) -> CoreModel:
             semantic_mask_base=m.semantic_mask_base,
             context_layers=m.context_layers,
             region_masks=m.region_masks,
+            identity_head=m.identity_head,
         )
     # channels-last lets oneDNN run the small convolutions ~2× faster on CPU (measured).
     return model.to(memory_format=torch.channels_last)

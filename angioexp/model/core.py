@@ -17,6 +17,7 @@ from torch import nn
 
 from angioexp.model.encoder import ImageEncoder
 from angioexp.model.heads import Heads, ViewHead
+from angioexp.model.identity import SegmentIdentityHead
 from angioexp.model.pixel_decoder import PixelDecoder
 from angioexp.model.prompt_encoder import PromptEncoder, grid_positions, sine_embed
 from angioexp.model.query_decoder import ContextEncoder, PromptFusion, QueryDecoder
@@ -38,9 +39,13 @@ class FindQueries:
     boxes: torch.Tensor  # (B, K, 4) float, normalised xyxy
     box_valid: torch.Tensor  # (B, K) bool
     views: torch.Tensor  # (I,) long view class per image; num_views = unknown
+    # (C, T) long: the text of every prompt of the category set, for the segment-identity head
+    # (one softmax over all of them per pixel); None when it is not asked for
+    class_text_ids: torch.Tensor | None = None
 
     def to(self, device) -> "FindQueries":
-        return FindQueries(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return FindQueries(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                              for f in fields(self)})
 
     def __len__(self) -> int:
         return int(self.img_idx.shape[0])
@@ -50,7 +55,8 @@ class Transformer(nn.Module):
     """Everything SAM3 trains at ``lr_transformer``: pixel decoder, fusion, decoder, heads."""
 
     def __init__(self, encoder: ImageEncoder, d_model: int, num_heads: int, num_layers: int, num_queries: int, mask_dim: int, num_views: int,
-                 mask_guided_boxes: bool = True, context_layers: int = 0, region_masks: bool = False):
+                 mask_guided_boxes: bool = True, context_layers: int = 0, region_masks: bool = False,
+                 identity_head: bool = False):
         super().__init__()
         self.pixel_decoder = PixelDecoder(encoder.channels, encoder.stem_channels, mask_dim)
         self.memory_proj = nn.Linear(encoder.channels[-1], d_model)
@@ -65,6 +71,8 @@ class Transformer(nn.Module):
         self.decoder = QueryDecoder(d_model, num_heads, num_layers, num_queries)
         self.heads = Heads(d_model, mask_dim, mask_guided_boxes, region_masks)
         self.view_head = ViewHead(encoder.channels[-1], num_views)
+        if identity_head:
+            self.identity = SegmentIdentityHead(d_model, mask_dim, num_views)
 
 
 class CoreModel(nn.Module):
@@ -74,6 +82,8 @@ class CoreModel(nn.Module):
         pred_logits (B, Q, 1), pred_boxes (B, Q, 4), pred_boxes_xyxy (B, Q, 4),
         pred_masks (B, Q, H, W) — full input resolution,
         presence_logit_dec (B, 1), semantic_seg (B, 1, H, W), view_logits (I, V),
+        with ``identity_head`` and ``queries.class_text_ids`` (C, T) also
+        identity_logits (I, 1 + C, H, W) (class 0 = background) and identity_presence (I, C),
         aux_outputs: list (decoder_layers - 1) of dicts with the first five keys (empty in eval mode).
     H and W must be multiples of 16.
     """
@@ -95,6 +105,7 @@ class CoreModel(nn.Module):
         semantic_mask_base: bool = False,
         context_layers: int = 0,
         region_masks: bool = False,
+        identity_head: bool = False,
     ):
         super().__init__()
         self.semantic_mask_base = semantic_mask_base
@@ -103,13 +114,13 @@ class CoreModel(nn.Module):
         self.vision_backbone = ImageEncoder(encoder_channels, stem_channels)
         self.language_backbone = PromptEncoder(vocab_size, d_model, num_views, use_view_conditioning)
         self.transformer = Transformer(self.vision_backbone, d_model, num_heads, decoder_layers, num_queries, mask_dim, num_views,
-                                       mask_guided_boxes, context_layers, region_masks)
+                                       mask_guided_boxes, context_layers, region_masks, identity_head)
         self.d_model = d_model
 
     # Parameters of the optional Stage 2 aids (model.context_layers, model.region_masks). They
     # start at zero, so a checkpoint without them (a Stage 1 model) continues unchanged.
     OPTIONAL_PREFIXES = ("transformer.context.", "transformer.context_to_pixels.", "transformer.heads.region_",
-                         "transformer.heads.semantic_region_")
+                         "transformer.heads.semantic_region_", "transformer.identity.")
 
     @classmethod
     def is_optional_addition(cls, name: str) -> bool:
@@ -144,7 +155,20 @@ class CoreModel(nn.Module):
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} must be a multiple of {self.stride}")
         pixel_embed, memory, coarse = self.encode_images(images)
-        return self.decode(pixel_embed, memory, coarse, queries)
+        outputs = self.decode(pixel_embed, memory, coarse, queries)
+        if queries.class_text_ids is not None and self.has_identity:
+            outputs["identity_logits"], outputs["identity_presence"] = self.identify(
+                pixel_embed, memory, coarse, queries.views, queries.class_text_ids)
+        return outputs
+
+    @property
+    def has_identity(self) -> bool:
+        return hasattr(self.transformer, "identity")
+
+    def identify(self, pixel_embed, memory, coarse, views: torch.Tensor, class_text_ids: torch.Tensor):
+        """Encoded images + (C, T) prompt texts → identity logits (I, 1 + C, H, W), presence (I, C)."""
+        prompts = self.language_backbone.encode_text(class_text_ids)
+        return self.transformer.identity(pixel_embed, memory, tuple(coarse.shape[-2:]), views, prompts)
 
     def decode(self, pixel_embed, memory, coarse, queries: FindQueries) -> dict:
         """Run the prompt-dependent part for B find queries on already-encoded images."""

@@ -109,6 +109,16 @@ class PromptEncoder(nn.Module):
         self.num_views = num_views
         self.norm = nn.LayerNorm(d_model)
 
+    def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """(C, T) text ids → (C, D): one embedding per prompt (mean of its contextualised words),
+        what the segment-identity head turns into a per-pixel classifier."""
+        t = text_ids.shape[1]
+        pad = text_ids == PAD
+        text = self.text_embed(text_ids) + self.text_pos(torch.arange(t, device=text_ids.device))
+        text = self.text_mixer(text, src_key_padding_mask=pad & ~pad.all(dim=1, keepdim=True))
+        keep = (~pad).unsqueeze(-1).to(text.dtype)
+        return self.norm((text * keep).sum(1) / keep.sum(1).clamp(min=1))
+
     def forward(
         self,
         text_ids: torch.Tensor,

@@ -326,6 +326,8 @@ class MlflowCallback(Callback):
                 self._in_background(self._artifact, local, where)
             if artifacts.overlays_dir is not None:
                 self._in_background(self._artifact, artifacts.overlays_dir, f"{where}/overlays")
+            if artifacts.segments_dir is not None:
+                self._in_background(self._artifact, artifacts.segments_dir, f"{where}/segments")
         self._draw()
 
     def on_checkpoint(self, step: int, path: Path) -> None:

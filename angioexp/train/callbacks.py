@@ -39,6 +39,7 @@ class EvalArtifacts:
     per_image_csv: Path | None = None
     overlays_dir: Path | None = None
     predictions_json: Path | None = None
+    segments_dir: Path | None = None  # Stage 2: segment metrics, per-segment table, confusion matrix
 
 
 @dataclass

@@ -144,6 +144,20 @@ class _Query:
     box: tuple[float, float, float, float] | None  # normalised xyxy
 
 
+def segment_label_map(instances: list[tuple[int, np.ndarray]], category_ids: list[int], shape) -> np.ndarray:
+    """[(category_id, bool mask)] → int64 (H, W): 0 background, k = category_ids[k - 1].
+
+    Where two segments overlap (a crossing in projection) the later one in ``instances`` wins;
+    a category outside ``category_ids`` is an error (the softmax has no class for it)."""
+    index = {c: k + 1 for k, c in enumerate(category_ids)}
+    label = np.zeros(shape, dtype=np.int64)
+    for category_id, mask in instances:
+        if category_id not in index:
+            raise InputError(f"segment label {category_id} is not among the categories {sorted(index)}")
+        label[mask] = index[category_id]
+    return label
+
+
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     """bool (H, W) → normalised (x0, y0, x1, y1) of its pixel extent (edges, not centres)."""
     h, w = mask.shape
@@ -249,6 +263,9 @@ class TrainingSet:
         self.category_ids = list(self.split.category_ids)
         self.prompts = {c["id"]: str(c.get("prompt") or c["name"]).replace("_", " ") for c in self.split.categories}
         self.tokenizer = PromptTokenizer()
+        # Stage 2 with the segment-identity head: every step scores all prompts of the set at once.
+        self.identity = bool(cfg.model.identity_head) and cfg.backend == "core"
+        self.class_text_ids = self.tokenizer.batch([self.prompts[c] for c in self.category_ids])
         self._order_epoch, self._order = -1, np.arange(0)
         n_empty = sum(1 for s in self.samples if not s.instances)
         if n_empty:
@@ -277,7 +294,7 @@ class TrainingSet:
     def batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
         bs = self.cfg.scratch.train_batch_size
         indices = self.indices_for_step(step, bs, rank, world)
-        images, views, queries, image_ids = [], [], [], []
+        images, views, queries, image_ids, label_maps = [], [], [], [], []
         for slot, index in enumerate(indices):
             rng = np.random.default_rng([self.cfg.seed, 2, step, rank * bs + slot])
             pixels, view, crop_instances = self._augment(self.samples[index], rng)
@@ -285,10 +302,22 @@ class TrainingSet:
             views.append(view)
             image_ids.append(self.samples[index].image_id)
             queries.extend(self._queries(slot, crop_instances, rng))
-        return collate(
+            if self.identity:
+                label_maps.append(segment_label_map(crop_instances, self.category_ids, pixels.shape))
+        batch = collate(
             images, views, queries, self.tokenizer, self.prompts,
             use_text=self.cfg.prompts.use_text, num_views=self.num_views, image_ids=image_ids,
         )
+        if self.identity:
+            labels = torch.from_numpy(np.stack(label_maps))
+            batch.queries.class_text_ids = self.class_text_ids
+            batch.targets["segment_labels"] = labels
+            present = torch.zeros((len(label_maps), len(self.category_ids)), dtype=torch.float32)
+            for i, label in enumerate(label_maps):
+                found = np.unique(label)
+                present[i, found[found > 0] - 1] = 1.0
+            batch.targets["segment_present"] = present
+        return batch
 
     def _augment(self, sample: Sample, rng: np.random.Generator):
         """Crop + flip. Returns pixels (s, s), view, [(category_id, bool (s, s))] (non-empty only)."""
@@ -366,14 +395,16 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def batches(self, batch_size: int, max_queries: int = 32):
+    def batches(self, batch_size: int, max_queries: int = 32, queries: bool = True):
         """Yield (Batch, original sizes [(H, W)]) over all images, in order.
 
         Images per batch: ``batch_size``, fewer when the categories are many (Stage 2 asks 26
         queries per image, each with full-resolution mask logits for Q object queries).
+        ``queries=False``: images and views only (the identity head asks every prompt at once).
         """
         pc = self.cfg.prompts
-        batch_size = max(1, min(batch_size, max_queries // max(1, len(self.category_ids))))
+        if queries:
+            batch_size = max(1, min(batch_size, max_queries // max(1, len(self.category_ids))))
         for start in range(0, len(self.records), batch_size):
             records = self.records[start : start + batch_size]
             images, views, queries, sizes = [], [], [], []
@@ -385,7 +416,7 @@ class EvalSet:
                 if self.geometric:
                     for category_id, mask in self.split.instances(record.id):
                         by_cat.setdefault(category_id, []).append(_resize_mask(mask, self.size))
-                for category_id in self.category_ids:
+                for category_id in self.category_ids if queries else ():
                     points, box = [], None
                     if self.geometric and category_id in by_cat:
                         rng = np.random.default_rng([self.cfg.seed, 3, record.id, category_id])

@@ -95,11 +95,71 @@ def predict_batch(model, batch, sizes: list[tuple[int, int]], *, mask_threshold:
     return results
 
 
+MIN_COMPONENT_FRACTION = 2e-5  # of the frame (5 px at 512²): smaller pieces of a segment are noise
+
+
+@torch.no_grad()
+def predict_identity_batch(model, batch, sizes: list[tuple[int, int]], class_text_ids: torch.Tensor, category_ids: list[int],
+                           *, min_score: float = MIN_SCORE, semantic_out: list | None = None,
+                           label_maps_out: dict | None = None, tree_labelling: bool = False) -> list[dict]:
+    """Stage 2 through the segment-identity head: one softmax over background + every prompt.
+
+    Per image and category c: the semantic result is the pixels whose most probable class is c,
+    scored with c's presence probability; the instance results are that mask's connected
+    components (8-connected; pieces under ``MIN_COMPONENT_FRACTION`` of the frame dropped), each
+    scored presence × its mean probability of being c — the chance that this piece is there and
+    is c. ``label_maps_out`` (image id → int (H, W) label map of category ids) receives the label
+    maps. ``tree_labelling``: labels per skeleton branch in anatomical order instead of per pixel
+    (:func:`angioexp.postprocess.tree_labels.label_tree`).
+    """
+    from scipy import ndimage
+
+    pixel_embed, memory, coarse = model.encode_images(batch.images)
+    logits, presence_logits = model.identify(pixel_embed, memory, coarse, batch.queries.views, class_text_ids)
+    presence = presence_logits.float().sigmoid().cpu().numpy()  # (I, C)
+    ids = np.asarray([0, *category_ids])
+    results: list[dict] = []
+    for slot, image_id in enumerate(batch.image_ids):
+        probs = F.interpolate(logits[slot : slot + 1].float(), size=sizes[slot], mode="bilinear", align_corners=False)
+        probs = probs[0].softmax(dim=0)
+        best_prob, best = probs.max(dim=0)
+        best, best_prob = best.cpu().numpy(), best_prob.cpu().numpy()
+        if tree_labelling:
+            from angioexp.postprocess.tree_labels import label_tree
+
+            best = label_tree(probs.cpu().numpy(), category_ids)
+            best_prob = np.take_along_axis(probs.cpu().numpy(), best[None], axis=0)[0]
+        if label_maps_out is not None:
+            label_maps_out[int(image_id)] = ids[best]
+        min_pixels = max(1, int(MIN_COMPONENT_FRACTION * best.size))
+        for k, category_id in enumerate(category_ids, start=1):
+            mask = best == k
+            if not mask.any():
+                continue
+            score = float(presence[slot, k - 1])
+            if semantic_out is not None:
+                semantic_out.append({"image_id": int(image_id), "category_id": int(category_id),
+                                     "segmentation": _encode(mask), "score": score})
+            pieces, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+            if not n:
+                continue
+            sizes_px = np.bincount(pieces.ravel(), minlength=n + 1)
+            mean_prob = np.bincount(pieces.ravel(), weights=best_prob.ravel(), minlength=n + 1) / np.maximum(sizes_px, 1)
+            for piece in range(1, n + 1):
+                piece_score = score * float(mean_prob[piece])
+                if sizes_px[piece] >= min_pixels and piece_score >= min_score:
+                    results.append({"image_id": int(image_id), "category_id": int(category_id),
+                                    "segmentation": _encode(pieces == piece), "score": piece_score})
+    return results
+
+
 def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, device: str = "cpu", cfg=None,
                   image_ids: list[int] | None = None, categories: list[dict] | None = None,
-                  semantic_out: list | None = None) -> list[dict]:
+                  semantic_out: list | None = None, label_maps_out: dict | None = None) -> list[dict]:
     """COCO segmentation results for every image of ``coco_dir/split`` (RLE masks, SAM3 scores);
-    the semantic head's results go to ``semantic_out`` when given (see :func:`predict_batch`)."""
+    the semantic head's results go to ``semantic_out`` when given (see :func:`predict_batch`), and
+    with the identity head each image's label map to ``label_maps_out`` (see
+    :func:`predict_identity_batch`)."""
     from angioexp.model.build import resolved_num_views
     from angioexp.train.data import EvalSet
 
@@ -111,11 +171,19 @@ def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, devi
     results: list[dict] = []
     autocast = device.type == "cuda" and cfg.optim.amp.enabled
     dtype = torch.bfloat16 if cfg.optim.amp.amp_dtype == "bfloat16" else torch.float16
+    # Stage 2 with the identity head: no per-prompt decoding, every prompt scored in one softmax.
+    identity = cfg.stage == 2 and getattr(model, "has_identity", False)
+    class_text_ids = data.tokenizer.batch([data.prompts[c] for c in data.category_ids]).to(device) if identity else None
     try:
-        for batch, sizes in data.batches(cfg.scratch.val_batch_size):
+        for batch, sizes in data.batches(cfg.scratch.val_batch_size, queries=not identity):
             with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                results.extend(predict_batch(model, batch.to(device), sizes, mask_threshold=cfg.eval.mask_threshold,
-                                             semantic_out=semantic_out))
+                if identity:
+                    results.extend(predict_identity_batch(model, batch.to(device), sizes, class_text_ids, data.category_ids,
+                                                          semantic_out=semantic_out, label_maps_out=label_maps_out,
+                                                          tree_labelling=cfg.eval.tree_labelling))
+                else:
+                    results.extend(predict_batch(model, batch.to(device), sizes, mask_threshold=cfg.eval.mask_threshold,
+                                                 semantic_out=semantic_out))
     finally:
         model.train(was_training)
     return results
@@ -162,8 +230,9 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
     t0 = time.perf_counter()
     categories = [gt.categories[c] for c in sorted(gt.categories)]
     semantic: list[dict] = []  # the semantic head's results, scored beside the instance masks
+    label_maps: dict[int, np.ndarray] = {}  # identity head only: predicted label map per image
     preds = predict_split(model, coco_dir, split, device=device, cfg=cfg, image_ids=image_ids or list(gt.images),
-                          categories=categories, semantic_out=semantic)
+                          categories=categories, semantic_out=semantic, label_maps_out=label_maps)
     predict_s = time.perf_counter() - t0
     out_dir = Path(out_dir) if out_dir is not None else None
     overlays = out_dir / "overlays" if out_dir is not None and cfg.eval.overlays > 0 else None
@@ -178,6 +247,13 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
     sem = evaluate_predictions(gt, semantic, tolerance_px=cfg.eval.tolerance_px, score_threshold=cfg.eval.score_threshold)
     metrics.update({f"val/semantic/{k}": float(v) for k, v in sem.metrics.items()
                     if k == "dice_mean_segments" or k.split("/")[0] in ("dice", "cldice")})
+    segments = None
+    if gt.multi_category:
+        from angioexp.evaluate.segments import segment_report
+
+        segments = segment_report(gt, sem.per_pair, working_resolution=cfg.scratch.resolution,
+                                  predicted_label_maps=label_maps or None, seed=cfg.seed)
+        metrics.update({f"val/segments/{k}": float(v) for k, v in segments.metrics.items()})
     metrics["val/predict_seconds"] = predict_s
     metrics["val/images_per_s"] = len(gt.images) / predict_s if predict_s > 0 else float("nan")
     artifacts = EvalArtifacts()
@@ -188,8 +264,11 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         (out_dir / "semantic").mkdir(exist_ok=True)  # the semantic head's tables beside the instance ones
         sem.write(out_dir / "semantic")
         write_json_atomic(out_dir / "semantic" / "predictions.json", semantic, indent=None)
+        if segments is not None:
+            segments.write(out_dir / "segments")
         artifacts = EvalArtifacts(
             metrics_json=out_dir / "metrics.json", per_image_csv=out_dir / "per_image.csv",
             overlays_dir=overlays, predictions_json=out_dir / "predictions.json",
+            segments_dir=out_dir / "segments" if segments is not None else None,
         )
     return metrics, artifacts, gt

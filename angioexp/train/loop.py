@@ -42,6 +42,7 @@ from angioexp.train.optim import build_optimizer, set_learning_rates
 from angioexp.train.schedule import InverseSquareRoot
 
 log = logging.getLogger(__name__)
+BUDGET_PACE_STEPS = 5  # steps timed before a time budget re-plans the LR schedule
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,9 +252,15 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
     steps_done = start_step
     reason = "max_steps"
     last_ckpt = start_step
+    loop_start = time.perf_counter()
     try:
         for step in range(start_step, max_steps):
             t0 = time.perf_counter()
+            if budget_s is not None and step - start_step >= BUDGET_PACE_STEPS:
+                # Plan warm-up/cool-down for the steps the budget allows, at the pace so far
+                # (evaluations included), not for max_steps the budget will never reach.
+                pace = (t0 - loop_start) / (step - start_step)
+                schedule = schedule.fitted(step, pace, budget_s - (t0 - wall_start), max_steps)
             set_learning_rates(optimizer, schedule.factor(step) * guard.lr_factor)
             batch = data.batch(step, dist.rank, dist.world_size).to(device)
             # BatchNorm updates its running statistics in the forward pass: keep them to undo a

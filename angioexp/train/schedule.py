@@ -11,7 +11,7 @@ SAM3 calls it with ``where = step / total`` (progress through training); we pass
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class InverseSquareRoot:
         if self.cooldown_steps:
             f *= max(0.0, min(1.0, (self.total_steps - step) / self.cooldown_steps))
         return f
+
+    def fitted(self, steps_done: int, seconds_per_step: float, seconds_left: float, max_steps: int) -> "InverseSquareRoot":
+        """The same schedule ending where a time budget will stop the run, so that its cool-down
+        happens: total = the steps that fit at the measured pace, at most ``max_steps``."""
+        fit = steps_done + int(max(seconds_left, 0.0) / max(seconds_per_step, 1e-9))
+        return replace(self, total_steps=max(steps_done + 1, min(max_steps, fit)))
 
     @classmethod
     def from_config(cls, scratch, total_steps: int) -> "InverseSquareRoot":

@@ -1,0 +1,69 @@
+"""``SegmentIdentityLoss``: the dense Stage 2 objective of :mod:`angioexp.model.identity`.
+
+    In:  outputs["identity_logits"] (I, 1 + C, H, W), class 0 = background
+         outputs["identity_presence"] (I, C) presence logits
+         targets["segment_labels"] (I, H, W) long: 0 background, k = prompt k - 1 of the class
+             list, -1 = ignore
+         targets["segment_present"] (I, C) float 0/1
+    Out: loss_identity_ce        class-weighted cross-entropy over all pixels of the batch
+         loss_identity_dice      1 - soft Dice, mean over the (image, segment) pairs in the truth
+         loss_identity_presence  binary cross-entropy of the presence logits
+
+Class weights: a segment covers ~0.1-1 % of a frame and background ~90 %; plain cross-entropy
+would learn "background" and the large proximal segments. Weight ∝ frequency^-power within the
+batch (power 0.5 by default), normalised so that a pixel weighs 1 on average: the loss keeps the
+scale of plain cross-entropy whatever the class mix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from angioexp.losses.loss_fns import _check_weights
+
+
+class SegmentIdentityLoss(nn.Module):
+    TERMS = ("loss_identity_ce", "loss_identity_dice", "loss_identity_presence")
+
+    def __init__(self, weight_dict: dict[str, float] | None = None, class_weight_power: float = 0.5):
+        super().__init__()
+        self.weight_dict = _check_weights("SegmentIdentityLoss", weight_dict, self.TERMS)
+        self.class_weight_power = class_weight_power
+        self.compute_aux = False
+
+    def class_weights(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """(num_classes,) weights ∝ frequency^-power over the labelled pixels, pixel mean 1."""
+        counts = torch.bincount(labels[labels >= 0].flatten(), minlength=num_classes).float()
+        freq = counts / counts.sum().clamp(min=1)
+        weights = (freq + 1e-6).pow(-self.class_weight_power)
+        return weights / (freq * weights).sum().clamp(min=1e-12)
+
+    def forward(self, outputs: dict, targets: dict) -> dict[str, torch.Tensor]:
+        logits = outputs["identity_logits"].float()
+        labels = targets["segment_labels"].long().to(logits.device)
+        if logits.dim() != 4 or labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"identity_logits (I, K, H, W) and segment_labels (I, H, W) disagree: "
+                             f"{tuple(logits.shape)} vs {tuple(labels.shape)}")
+        if labels.shape[-2:] != logits.shape[-2:]:
+            labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        k = logits.shape[1]
+        if int(labels.max()) >= k:
+            raise ValueError(f"segment label {int(labels.max())} out of range for {k - 1} prompts + background")
+        ce = F.cross_entropy(logits, labels, weight=self.class_weights(labels, k), ignore_index=-1)
+
+        probs = logits.softmax(dim=1)[:, 1:]  # (I, C, H, W) foreground classes
+        valid = (labels >= 0).unsqueeze(1)
+        truth = (labels.unsqueeze(1) == torch.arange(1, k, device=labels.device).view(1, -1, 1, 1)) & valid
+        probs = probs * valid
+        inter = (probs * truth).flatten(2).sum(-1)  # (I, C)
+        sizes = probs.flatten(2).sum(-1) + truth.flatten(2).sum(-1)
+        present = truth.flatten(2).any(-1)
+        dice_loss = 1 - (2 * inter + 1) / (sizes + 1)
+        dice = dice_loss[present].mean() if bool(present.any()) else logits.sum() * 0.0
+
+        presence_logits = outputs["identity_presence"].float()
+        presence_target = targets["segment_present"].float().to(logits.device)
+        presence = F.binary_cross_entropy_with_logits(presence_logits, presence_target)
+        return {"loss_identity_ce": ce, "loss_identity_dice": dice, "loss_identity_presence": presence}

@@ -1,0 +1,62 @@
+"""Dense segment identity: one per-pixel softmax over {background, every prompt of an image}.
+
+The per-prompt semantic head answers "is this pixel the prompted segment?" for one prompt at a
+time, so nothing makes "mid LAD" and "distal LAD" compete for a pixel. Here every prompt's text
+embedding becomes a classifier, and all of them (plus a learned background class) are scored on
+every pixel in one pass:
+
+    logit_c(p) = f_c · [pixel_embed(p), xy(p)]  +  upsample(r_c · norm(memory + view))(p)  +  b_c
+                 fine: thin vessel shape            coarse: where in the tree segment c lies
+
+where f_c and r_c are MLPs of prompt c's pooled text embedding (background: a learned
+embedding in the same space), ``memory`` the image's global-context tokens (stride 16),
+``view`` the C-arm view embedding (so LAO / RAO, cranial / caudal reach the per-pixel decision)
+and ``xy`` sine features of the pixel's image coordinates. The prompt interface stays SAM3's:
+any subset of prompts can be asked; the softmax runs over the ones asked.
+
+Presence: logit per (image, prompt) from the pooled image memory and the prompt embedding —
+the probability that the segment is in the frame at all, the score of its mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from angioexp.model.heads import MLP
+from angioexp.model.prompt_encoder import grid_positions, sine_embed
+
+COORD_DIM = 8  # sine features of (x, y) appended to the per-pixel embedding
+
+
+class SegmentIdentityHead(nn.Module):
+    """pixel_embed (I, M, H, W), memory (I, L, D) at (h, w), views (I,), prompts (C, D)
+    → logits (I, 1 + C, H, W) with class 0 = background, presence_logits (I, C)."""
+
+    def __init__(self, d_model: int, mask_dim: int, num_views: int):
+        super().__init__()
+        self.background = nn.Parameter(torch.zeros(d_model))
+        self.fine = MLP(d_model, d_model, mask_dim + COORD_DIM + 1, 2)  # last entry: the class bias
+        self.region = MLP(d_model, d_model, d_model, 2)
+        self.view_embed = nn.Embedding(num_views + 1, d_model)  # last row: unknown view
+        self.memory_norm = nn.LayerNorm(d_model)
+        self.presence = MLP(2 * d_model, d_model, 1, 2)
+        nn.init.normal_(self.background, std=0.02)
+        nn.init.zeros_(self.view_embed.weight)
+
+    def forward(self, pixel_embed: torch.Tensor, memory: torch.Tensor, memory_hw: tuple[int, int], views: torch.Tensor,
+                prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i, _, h, w = pixel_embed.shape
+        classes = torch.cat([self.background[None], prompts], dim=0)  # (1 + C, D)
+        fine = self.fine(classes)  # (1 + C, M + COORD_DIM + 1)
+        coords = sine_embed(grid_positions(h, w, device=pixel_embed.device), COORD_DIM)  # (H*W, COORD_DIM)
+        coords = coords.t().reshape(1, COORD_DIM, h, w).expand(i, -1, -1, -1).to(pixel_embed.dtype)
+        features = torch.cat([pixel_embed, coords], dim=1)  # (I, M + COORD_DIM, H, W)
+        logits = torch.einsum("kf,ifhw->ikhw", fine[:, :-1], features) + fine[:, -1].view(1, -1, 1, 1)
+        context = self.memory_norm(memory + self.view_embed(views)[:, None])  # (I, L, D)
+        coarse = torch.einsum("kd,ild->ikl", self.region(classes), context).reshape(i, -1, *memory_hw)
+        logits = logits + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        pooled = context.mean(dim=1)  # (I, D)
+        pair = torch.cat([pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)], dim=-1)
+        return logits, self.presence(pair)[..., 0]

@@ -1,0 +1,182 @@
+"""Stage 2 segment identity: the dense head's shapes, its loss on hand-computed cases, the data
+it trains on, and the segment metrics read against their reference points."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from angioexp.config import load_config
+from angioexp.errors import InputError
+from angioexp.evaluate.evaluator import evaluate_predictions, load_ground_truth
+from angioexp.evaluate.rle import encode
+from angioexp.evaluate.segments import segment_report
+from angioexp.losses.identity import SegmentIdentityLoss
+from angioexp.model.identity import SegmentIdentityHead
+from angioexp.train.data import segment_label_map
+
+
+def test_identity_head_shapes_and_prompt_subsets():
+    torch.manual_seed(0)
+    head = SegmentIdentityHead(d_model=32, mask_dim=8, num_views=5)
+    pixel_embed = torch.randn(2, 8, 32, 48)
+    memory = torch.randn(2, 2 * 3, 32)
+    views = torch.tensor([0, 5])  # a known view and the "unknown" row
+    logits, presence = head(pixel_embed, memory, (2, 3), views, torch.randn(4, 32))
+    assert logits.shape == (2, 5, 32, 48) and presence.shape == (2, 4)
+    # Any subset of prompts can be asked: the softmax runs over the ones asked (+ background).
+    logits, presence = head(pixel_embed, memory, (2, 3), views, torch.randn(1, 32))
+    assert logits.shape == (2, 2, 32, 48) and presence.shape == (2, 1)
+    logits.sum().backward()
+    assert head.background.grad is not None and head.fine.layers[0].weight.grad is not None
+
+
+def test_core_model_gives_identity_outputs_for_the_category_prompts():
+    cfg = load_config(None, ["train.device=cpu"], stage=2)
+    assert cfg.model.identity_head  # the core Stage 2 default
+    from angioexp.model.build import build_model
+    from angioexp.model.core import FindQueries
+    from angioexp.model.prompt_encoder import PromptTokenizer
+
+    model = build_model(cfg)
+    tok = PromptTokenizer()
+    classes = tok.batch(["proximal right coronary artery", "mid right coronary artery", "catheter"])
+    queries = FindQueries(img_idx=torch.tensor([0]), text_ids=tok.batch(["first diagonal"]),
+                          point_coords=torch.zeros(1, 0, 2), point_labels=torch.zeros(1, 0, dtype=torch.long),
+                          boxes=torch.zeros(1, 0, 4), box_valid=torch.zeros(1, 0, dtype=torch.bool),
+                          views=torch.tensor([0]), class_text_ids=classes)
+    out = model(torch.zeros(1, 1, 64, 64, dtype=torch.uint8), queries)
+    assert out["identity_logits"].shape == (1, 4, 64, 64)
+    assert out["identity_presence"].shape == (1, 3)
+    # Without class prompts the model behaves as before (no identity outputs).
+    queries.class_text_ids = None
+    assert "identity_logits" not in model(torch.zeros(1, 1, 64, 64, dtype=torch.uint8), queries)
+
+
+def _loss(power=0.0):
+    return SegmentIdentityLoss({"loss_identity_ce": 1, "loss_identity_dice": 1, "loss_identity_presence": 1},
+                               class_weight_power=power)
+
+
+def test_identity_loss_on_a_hand_computed_case():
+    # 1 image, 2×2 pixels, background + 2 prompts, uniform logits: CE = ln 3; each present
+    # segment's soft Dice = (2·1/3 + 1) / (4/3 + 1 + 1) = 0.5; presence logits 0 vs [1, 0]: ln 2.
+    outputs = {"identity_logits": torch.zeros(1, 3, 2, 2), "identity_presence": torch.zeros(1, 2)}
+    targets = {"segment_labels": torch.tensor([[[0, 1], [2, 0]]]), "segment_present": torch.tensor([[1.0, 0.0]])}
+    values = _loss()(outputs, targets)
+    assert values["loss_identity_ce"].item() == pytest.approx(math.log(3))
+    assert values["loss_identity_dice"].item() == pytest.approx(0.5)
+    assert values["loss_identity_presence"].item() == pytest.approx(math.log(2))
+    # A confident, correct prediction: CE and Dice loss near 0.
+    confident = torch.full((1, 3, 2, 2), -20.0)
+    for k, (y, x) in ((0, (0, 0)), (1, (0, 1)), (2, (1, 0)), (0, (1, 1))):
+        confident[0, k, y, x] = 20.0
+    values = _loss()({"identity_logits": confident, "identity_presence": torch.tensor([[20.0, -20.0]])}, targets)
+    assert values["loss_identity_ce"].item() < 1e-6
+    assert values["loss_identity_dice"].item() == pytest.approx(1 - 3 / 3, abs=1e-4)  # (2·1 + 1) / (1 + 1 + 1)
+    assert values["loss_identity_presence"].item() < 1e-6
+    # Ignored pixels (-1) count nowhere.
+    targets["segment_labels"] = torch.tensor([[[-1, 1], [2, -1]]])
+    values = _loss()({"identity_logits": torch.zeros(1, 3, 2, 2), "identity_presence": torch.zeros(1, 2)}, targets)
+    assert values["loss_identity_ce"].item() == pytest.approx(math.log(3))
+    assert values["loss_identity_dice"].item() == pytest.approx(1 - (2 / 3 + 1) / (2 / 3 + 1 + 1))
+
+
+def test_class_weights_balance_frequencies():
+    labels = torch.tensor([[[0, 1], [2, 0]]])  # frequencies 1/2, 1/4, 1/4
+    weights = _loss(power=1.0).class_weights(labels, 3)
+    assert weights.tolist() == pytest.approx([2 / 3, 4 / 3, 4 / 3], rel=1e-5)  # ∝ 1/frequency, pixel mean 1
+    assert _loss(power=0.0).class_weights(labels, 3).tolist() == pytest.approx([1, 1, 1])
+
+
+def test_identity_loss_refuses_a_label_outside_the_prompts():
+    outputs = {"identity_logits": torch.zeros(1, 3, 2, 2), "identity_presence": torch.zeros(1, 2)}
+    targets = {"segment_labels": torch.tensor([[[0, 3], [0, 0]]]), "segment_present": torch.zeros(1, 2)}
+    with pytest.raises(ValueError, match="segment label 3 out of range"):
+        _loss()(outputs, targets)
+
+
+def test_segment_label_map_names_an_unknown_label():
+    a = np.zeros((4, 4), dtype=bool)
+    a[0] = True
+    b = np.zeros((4, 4), dtype=bool)
+    b[:, 0] = True
+    label = segment_label_map([(7, a), (9, b)], [7, 9], (4, 4))
+    assert label[0, 1] == 1 and label[2, 0] == 2 and label[0, 0] == 2  # overlap: the later wins
+    with pytest.raises(InputError, match="segment label 5 is not among the categories"):
+        segment_label_map([(5, a)], [7, 9], (4, 4))
+
+
+# -- segment metrics ---------------------------------------------------------------------------
+
+def _frames():
+    """Two 16×16 frames; segment 1 (a row), segment 2 (a column), catheter 26 in frame 0."""
+    images, annotations, truth = [], [], {}
+    cats = [{"id": 1, "name": "rca_proximal"}, {"id": 2, "name": "rca_mid"}, {"id": 26, "name": "catheter"}]
+    for image_id in (1, 2):
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": 16, "width": 16})
+        masks = {}
+        row = np.zeros((16, 16), dtype=bool)
+        row[4, 2:14] = True
+        col = np.zeros((16, 16), dtype=bool)
+        col[6:14, 8] = True
+        masks[1], masks[2] = row, col
+        if image_id == 1:
+            cath = np.zeros((16, 16), dtype=bool)
+            cath[0, :] = True
+            masks[26] = cath
+        for category_id, mask in masks.items():
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                                "segmentation": encode(mask), "area": int(mask.sum()),
+                                "bbox": [0, 0, 16, 16], "iscrowd": 0})
+        truth[image_id] = masks
+    return {"images": images, "annotations": annotations, "categories": cats}, truth
+
+
+def _as_results(truth, assign):
+    return [{"image_id": i, "category_id": c, "segmentation": encode(m), "score": 0.9}
+            for i, masks in truth.items() for c, m in assign(masks).items()]
+
+
+def test_segment_report_perfect_output_floor_and_ceiling():
+    coco, truth = _frames()
+    gt = load_ground_truth(coco)
+    perfect = evaluate_predictions(gt, _as_results(truth, lambda m: m), per_category=True)
+    report = segment_report(gt, perfect.per_pair, working_resolution=16, n_bootstrap=50)
+    m = report.metrics
+    assert m["dice_common"] == pytest.approx(1.0) and m["ceiling_common"] == pytest.approx(1.0)
+    assert m["n_common"] == 2  # the catheter is no segment
+    # Floor: 2|T| / (|T| + |tree|) with |row| = 12, |col| = 8, tree 20 (catheter excluded).
+    assert m["floor_common"] == pytest.approx((2 * 12 / 32 + 2 * 8 / 28) / 2)
+    assert m["dice_common_ci_low"] == pytest.approx(1.0) and m["dice_common_ci_high"] == pytest.approx(1.0)
+
+    # The no-identity predictor (whole tree for every segment present, catheter exact) scores
+    # exactly the floor through the evaluator.
+    def no_identity(masks):
+        tree = masks[1] | masks[2]
+        return {c: (m if c == 26 else tree) for c, m in masks.items()}
+
+    blind = evaluate_predictions(gt, _as_results(truth, no_identity), per_category=True)
+    assert segment_report(gt, blind.per_pair, n_bootstrap=10).metrics["dice_common"] == pytest.approx(m["floor_common"])
+
+
+def test_segment_report_confusion_counts_vessel_pixels(tmp_path):
+    coco, truth = _frames()
+    gt = load_ground_truth(coco)
+    swapped = {i: np.where(m[1], 2, np.where(m[2], 1, 0)) for i, m in truth.items()}  # names exchanged
+    result = evaluate_predictions(gt, _as_results(truth, lambda m: {1: m[2], 2: m[1]}), per_category=True)
+    report = segment_report(gt, result.per_pair, predicted_label_maps=swapped, n_bootstrap=10)
+    conf = report.confusion
+    assert conf.loc["rca_proximal", "rca_mid"] == 2 * 12  # every truth pixel, two frames
+    assert conf.loc["rca_mid", "rca_proximal"] == 2 * 8
+    assert conf.loc["rca_proximal", "rca_proximal"] == 0
+    assert conf.loc["catheter", "background"] == 16
+    assert report.metrics["dice_common"] < 0.2
+    report.write(tmp_path / "segments")
+    assert (tmp_path / "segments" / "confusion.png").stat().st_size > 1000
+    table = pd.read_csv(tmp_path / "segments" / "per_segment.csv")
+    assert set(table["slug"]) == {"rca_proximal", "rca_mid", "catheter"}
