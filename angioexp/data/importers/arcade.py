@@ -223,11 +223,12 @@ class _SplitImport:
         self.report, self.patient_pattern = report, patient_pattern
         self.split_name = split_name  # ARCADE's: train / val / test, in either layout
 
-    def skip(self, index: int, ann, reason: str) -> None:
+    def skip(self, index: int, ann, reason: str, dropped: str = "annotation") -> None:
+        """List a malformed annotation (``dropped``: "annotation", or "polygons" when some remain)."""
         annotation_id = ann.get("id") if isinstance(ann, dict) else None
-        self.report["skipped_annotations"].append(
-            {"file": str(self.path), "annotation_id": annotation_id, "index": index, "reason": reason})
-        log.warning("%s: annotations[%d] (id %s) skipped: %s", self.path, index, annotation_id, reason)
+        self.report["skipped_annotations"].append({"file": str(self.path), "annotation_id": annotation_id,
+                                                   "index": index, "reason": reason, "dropped": dropped})
+        log.warning("%s: annotations[%d] (id %s): %s dropped: %s", self.path, index, annotation_id, dropped, reason)
 
     def run(self) -> list[dict]:
         path = self.path
@@ -246,14 +247,13 @@ class _SplitImport:
         duplicates = 0
         for i, ann in enumerate(data["annotations"]):
             problem = _check_annotation(ann, images, kinds)
-            if problem is None:
-                polygons, problems = polygon_problem(ann["segmentation"])
-                if problems:
-                    self.skip(i, ann, "; ".join(problems) + ("" if polygons else " (annotation dropped)"))
-                if not polygons:
-                    continue
-            else:
+            if problem is not None:
                 self.skip(i, ann, problem)
+                continue
+            polygons, problems = polygon_problem(ann["segmentation"])
+            if problems:
+                self.skip(i, ann, "; ".join(problems), "polygons" if polygons else "annotation")
+            if not polygons:
                 continue
             if ann.get("id") in seen_ids or "id" not in ann:
                 duplicates += 1  # ids are only reported, never used to pair anything: renumbering is enough
