@@ -27,16 +27,30 @@ def rect(x0, y0, x1, y1) -> list[float]:
     return [x0, y0, x1, y0, x1, y1, x0, y1]
 
 
+def outline(flat: list[float]) -> list[float]:
+    """A polygon on pixel corners drawn the way an outline tool draws it: each corner cut 0.5 px
+    back along both of its edges (the outline half-way between inside and outside pixel centres).
+    pycocotools rasterises it to the same pixels as the sharp polygon."""
+    points = np.asarray(flat, dtype=float).reshape(-1, 2)
+    cut = []
+    for i, point in enumerate(points):
+        for neighbour in (points[i - 1], points[(i + 1) % len(points)]):
+            step = neighbour - point
+            cut.append(point + 0.5 * step / np.linalg.norm(step))
+    return np.asarray(cut).ravel().tolist()
+
+
 def segments_of(k: int) -> dict[str, list[list[float]]]:
-    """Image k's segment polygons on pixel corners (rasterised exactly), none overlapping."""
+    """Image k's segment outlines around whole pixels (rasterised exactly), none overlapping."""
     d = 8 * k
     return {
-        "5": [rect(100 + d, 200, 300, 212)],  # left main: a horizontal bar
-        "6": [rect(300, 120, 310, 420 - d)],  # LAD proximal: a vertical bar beside it
+        "5": [outline(rect(100 + d, 200, 300, 212))],  # left main: a horizontal bar
+        "6": [outline(rect(300, 120, 310, 420 - d))],  # LAD proximal: a vertical bar beside it
         # first diagonal branch a ("9a": ARCADE id 10, angioexp label 17): an L
-        "9a": [[320, 50 + d, 340, 50 + d, 340, 150, 420, 150, 420, 160, 320, 160]],
-        "16c": [rect(40, 400, 52, 470)],  # ARCADE id 23, angioexp label 25
-        "12b": [rect(150, 300, 158, 380), rect(170, 300, 176, 340)],  # two pieces in one annotation
+        "9a": [outline([320, 50 + d, 340, 50 + d, 340, 150, 420, 150, 420, 160, 320, 160])],
+        "16c": [outline(rect(40, 400, 52, 470))],  # ARCADE id 23, angioexp label 25
+        # two pieces in one annotation ("12b": ARCADE id 24, angioexp label 20)
+        "12b": [outline(rect(150, 300, 158, 380)), outline(rect(170, 300, 176, 340))],
     }
 
 
@@ -67,10 +81,10 @@ def make_arcade(root: Path, images_per_split: int = 2, *, layout: str = "release
                            "license": 0, "flickr_url": "", "coco_url": "", "date_captured": 0})
             named = []
             if split in overlap_splits:
-                named.append(("13", [rect(200, 150, 206, 260)]))
+                named.append(("13", [outline(rect(200, 150, 206, 260))]))
             named += list(segments_of(k).items())
             if split in stenosis_splits:
-                named.append(("stenosis", [rect(150, 198, 170, 214)]))
+                named.append(("stenosis", [outline(rect(150, 198, 170, 214))]))
             named += list(extra(split, k) if extra else [])
             for name, segmentation in named:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": ARCADE_ID[name],

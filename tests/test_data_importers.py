@@ -16,7 +16,7 @@ from angioexp.data.index import read_index
 from angioexp.data.importers.arcade import ARCADE_CATEGORIES
 from angioexp.segments import BY_SYNTAX
 
-from arcade_replica import ARCADE_NAMES, SIZE, make_arcade, rect, truth_json
+from arcade_replica import ARCADE_NAMES, SIZE, make_arcade, outline, rect, truth_json
 
 def test_arcade_category_list_is_the_official_one():
     assert [name for _, name in ARCADE_CATEGORIES] == ARCADE_NAMES
@@ -51,7 +51,7 @@ def test_arcade_import_round_trip(tmp_path):
     assert segments[199, 160] == 0 and not mask[199, 160]
     stenosis = json.loads((out / "stenosis" / "arcade_train_1.json").read_text())
     assert stenosis["source_file_name"] == "1.png"
-    assert stenosis["stenoses"][0]["segmentation"] == [rect(150, 198, 170, 214)]
+    assert stenosis["stenoses"][0]["segmentation"] == [outline(rect(150, 198, 170, 214))]
     assert not (out / "stenosis" / "arcade_test_1.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stenosis"] == {"annotations": 4, "cases": 4, "folder": "stenosis"}
@@ -143,7 +143,7 @@ def _break(path: Path, edit) -> None:
 
 # annotation-level faults: skipped, listed with file, annotation id and reason; the rest is imported
 SKIPPED = {
-    "odd_polygon": (lambda d: d["annotations"][0]["segmentation"][0].pop(), "odd number of coordinates (7)"),
+    "odd_polygon": (lambda d: d["annotations"][0]["segmentation"][0].pop(), "odd number of coordinates (15)"),
     "two_points": (lambda d: d["annotations"][0].update(segmentation=[[1, 1, 5, 5]]), "fewer than 3 points (2)"),
     "empty_segmentation": (lambda d: d["annotations"][0].update(segmentation=[]), "empty segmentation"),
     "rle": (lambda d: d["annotations"][0].update(segmentation={"size": [SIZE, SIZE], "counts": "0"}),
@@ -151,7 +151,7 @@ SKIPPED = {
     "unknown_image_id": (lambda d: d["annotations"][0].update(image_id=77), "unknown image_id 77"),
     "unknown_category_id": (lambda d: d["annotations"][0].update(category_id=999), "unknown category_id 999"),
     "one_bad_polygon_of_two": (lambda d: d["annotations"][4]["segmentation"][1].pop(),
-                               "polygon 2 of 2: odd number of coordinates (7)"),
+                               "polygon 2 of 2: odd number of coordinates (15)"),
 }
 
 

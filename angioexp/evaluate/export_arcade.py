@@ -13,11 +13,10 @@
   angioexp's label ids differ from ARCADE's for every lettered segment. angioexp categories
   without an ARCADE counterpart (the catheter) are left out.
 * Per image and category, the detections at ``score ≥ --score-threshold`` are merged and written
-  as one annotation whose polygons trace the mask's pixel edges (pixel (r, c) is the square
-  [c, c+1]×[r, r+1], COCO's convention): the polygons cover exactly the mask's pixels, so
-  rasterising them gives the mask back. Largest piece first: ARCADE's scorer reads only the first
-  polygon. Holes are filled (ARCADE's polygons have none). Masks are scaled to the template's
-  image size when it differs.
+  as one annotation with one polygon per piece (:func:`mask_polygons`: outlines half-way between
+  inside and outside pixel centres, which rasterise back to the mask), largest first: ARCADE's
+  scorer reads only the first polygon. Holes are filled (ARCADE's polygons have none). Masks are
+  scaled to the template's image size when it differs.
 * With ``--template`` (ARCADE's ``empty_annotations.json`` or a truth file) the submission lists
   the template's images and categories verbatim, as the scorer expects.
 
@@ -45,26 +44,34 @@ from angioexp.segments import BY_LABEL
 log = logging.getLogger(__name__)
 
 
-def mask_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0):
-    """H×W bool → shapely polygons of its pieces on pixel edges (holes filled), largest first."""
-    import shapely
-
-    padded = np.pad(mask.astype(np.int8), ((0, 0), (1, 1)))
-    steps = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(steps == 1)  # row-major: starts and ends pair up run by run
-    _, ends = np.nonzero(steps == -1)
-    if not len(rows):
-        return []
-    runs = shapely.box(starts * scale_x, rows * scale_y, ends * scale_x, (rows + 1) * scale_y)
-    merged = shapely.union_all(runs)
-    pieces = merged.geoms if hasattr(merged, "geoms") else [merged]
-    # simplify(0) drops the collinear corners the row boxes leave on straight edges
-    outlines = [shapely.Polygon(piece.exterior).simplify(0) for piece in pieces]
-    return sorted(outlines, key=lambda polygon: -polygon.area)
+def _signed_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
 
 
-def _flat(polygon) -> list[float]:
-    return [round(float(v), 3) for v in np.asarray(polygon.exterior.coords[:-1]).ravel()]
+def mask_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0) -> list[np.ndarray]:
+    """H×W bool → the outlines of its 8-connected pieces as N×2 (x, y) arrays, largest first.
+
+    The outline runs half-way between inside and outside pixel centres (marching squares at 0.5),
+    in COCO's coordinates (pixel (r, c) is the square [c, c+1]×[r, r+1]): smooth like a drawn
+    outline, and rasterising it (pycocotools) gives the mask back. Holes are filled. Straight runs
+    keep only their end points.
+    """
+    from skimage.measure import find_contours
+
+    outlines = []
+    for contour in find_contours(np.pad(mask.astype(np.uint8), 1), 0.5, fully_connected="high"):
+        points = np.stack([contour[:-1, 1] - 0.5, contour[:-1, 0] - 0.5], axis=1)  # (row, col) → (x, y), unpadded
+        if len(points) < 3 or _signed_area(points) <= 0:  # holes run the other way round
+            continue
+        before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+        turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+        outlines.append(points[turn != 0] * (scale_x, scale_y))
+    return sorted(outlines, key=lambda points: -_signed_area(points))
+
+
+def _flat(points: np.ndarray) -> list[float]:
+    return [round(float(v), 3) for v in points.ravel()]
 
 
 def _arcade_image(image: dict) -> tuple[int, str]:
@@ -161,12 +168,12 @@ def export_arcade(coco: str | Path, predictions: str | Path | list, out: str | P
         polygons = mask_polygons(mask, target["width"] / image["width"], target["height"] / image["height"])
         if not polygons:
             continue
-        x0, y0, x1, y1 = np.array([p.bounds for p in polygons]).T
+        corners = np.concatenate(polygons)
+        (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0)
         annotations.append({
             "id": len(annotations) + 1, "image_id": target["id"], "category_id": category_of[label],
-            "segmentation": [_flat(p) for p in polygons], "area": round(float(sum(p.area for p in polygons)), 3),
-            "bbox": [float(x0.min()), float(y0.min()), float(x1.max() - x0.min()), float(y1.max() - y0.min())],
-            "iscrowd": 0,
+            "segmentation": [_flat(p) for p in polygons], "area": round(sum(_signed_area(p) for p in polygons), 3),
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "iscrowd": 0,
         })
     write_json_atomic(out, {"images": images, "categories": categories, "annotations": annotations}, indent=None)
     log.info("wrote %d ARCADE annotations on %d images → %s", len(annotations), len(images), out)
