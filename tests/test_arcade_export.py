@@ -13,6 +13,7 @@ from shapely.geometry import Polygon
 
 from angioexp.cli import main
 from angioexp.evaluate.arcade import arcade_mean_f1, score_submission
+from angioexp.evaluate.arcade import main as arcade_main
 from angioexp.evaluate.evaluator import load_ground_truth
 from angioexp.evaluate.export_arcade import mask_polygons
 
@@ -38,7 +39,7 @@ def converted(tmp_path_factory):
     return root, tmp
 
 
-def test_export_round_trip_scores_one(converted, tmp_path):
+def test_export_round_trip_scores_one(converted, tmp_path, capsys):
     root, tmp = converted
     split = tmp / "coco512" / "test"
     predictions = _truth_as_predictions(split, tmp_path / "predictions.json")
@@ -57,6 +58,10 @@ def test_export_round_trip_scores_one(converted, tmp_path):
 
     score = score_submission(truth_json(root, "test"), out)
     assert score.mean_f1 == pytest.approx(1.0, abs=1e-12) and score.unscored == []
+    assert arcade_main(["--truth", str(truth_json(root, "test")), "--submission", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean_f1"] == pytest.approx(1.0)
+    assert arcade_main(["--truth", str(out), "--submission", str(truth_json(root, "test")) + "x"]) == 2
+    assert "submission not found" in capsys.readouterr().err
     gt = load_ground_truth(split / "annotations.json")
     assert arcade_mean_f1(gt, json.loads(predictions.read_text())) == pytest.approx(1.0)
 

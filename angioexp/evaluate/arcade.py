@@ -24,12 +24,17 @@ angioexp's masks (a :class:`GroundTruth` and COCO results with RLE), for Stage 2
 a category's F1 is the pixel F1 of the union of its truth instances against the union of its
 detections at ``score ≥ score_threshold`` (masks have no "first polygon"), and categories that are
 not ARCADE's (the catheter) are left out of truth and detections.
+
+``python -m angioexp.evaluate.arcade --truth test.json --submission submission.json`` prints the
+score of a submission (e.g. from ``angioexp export-arcade``) as one JSON line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +44,7 @@ from typing import Iterable
 import pandas as pd
 import pycocotools.mask as mask_utils
 
-from angioexp.errors import InputError
+from angioexp.errors import AngioexpError, InputError
 from angioexp.evaluate.evaluator import GroundTruth, check_predictions
 from angioexp.segments import BY_SLUG
 
@@ -232,3 +237,22 @@ def arcade_mean_f1(gt: GroundTruth, detections: list[dict], score_threshold: flo
     """Mean over images (those with truth) of :func:`arcade_f1_per_image`; NaN if none has truth."""
     per_image = arcade_f1_per_image(gt, detections, score_threshold, ignore_categories=ignore_categories).dropna()
     return float(per_image.mean()) if len(per_image) else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m angioexp.evaluate.arcade",
+                                     description="ARCADE's mean F1 of a submission JSON against a truth JSON")
+    parser.add_argument("--truth", required=True, help="ARCADE-format truth (e.g. syntax/test/annotations/test.json)")
+    parser.add_argument("--submission", required=True, help="ARCADE-format submission")
+    args = parser.parse_args(argv)
+    try:
+        score = score_submission(args.truth, args.submission)
+    except AngioexpError as exc:
+        print(f"arcade score: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps({"mean_f1": score.mean_f1, "images": len(score.per_image), "unscored": score.unscored}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
