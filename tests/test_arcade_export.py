@@ -127,3 +127,16 @@ def test_mask_polygons_rasterise_back_to_the_mask():
         assert areas == sorted(areas, reverse=True)
     assert exact >= 5
     assert mask_polygons(np.zeros((5, 5), bool)) == []
+
+
+def test_imported_replica_trains(converted, tmp_path, capsys):
+    """Issue: a replica of the official release imports, converts and trains (Stage 2, a few steps)."""
+    _, tmp = converted
+    out = tmp_path / "run"
+    assert main(["train", "--stage", "2", "--no-tracking", "--coco-dir", str(tmp / "coco256"), "--out", str(out),
+                 "--max-steps", "2", "--set", "init_from=none", "--set", "scratch.resolution=64",
+                 "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0", "--set", "train.eval_every=100"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    evaluation = json.loads((out / "eval" / "step_2" / "metrics.json").read_text())
+    assert evaluation["settings"]["stage"] == 2 and evaluation["settings"]["n_images"] == 2  # the val split
+    assert {row["slug"] for row in evaluation["per_category"]} >= {"left_main", "diagonal_1a", "om_2", "rplb_c"}
