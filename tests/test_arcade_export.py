@@ -14,16 +14,14 @@ from shapely.geometry import Polygon
 from angioexp.cli import main
 from angioexp.evaluate.arcade import arcade_mean_f1, score_submission
 from angioexp.evaluate.arcade import main as arcade_main
-from angioexp.evaluate.evaluator import load_ground_truth
+from angioexp.evaluate.evaluator import annotations_as_predictions, load_ground_truth
 from angioexp.evaluate.export_arcade import mask_polygons
 
 from arcade_replica import ARCADE_ID, ARCADE_NAMES, make_arcade, truth_json
 
 
 def _truth_as_predictions(coco_split: Path, path: Path) -> Path:
-    data = json.loads((coco_split / "annotations.json").read_text())
-    path.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"],
-                                 "segmentation": a["segmentation"], "score": 1.0} for a in data["annotations"]]))
+    path.write_text(json.dumps(annotations_as_predictions(coco_split / "annotations.json")))
     return path
 
 
@@ -61,7 +59,7 @@ def test_export_round_trip_scores_one(converted, tmp_path, capsys):
     assert arcade_main(["--truth", str(truth_json(root, "test")), "--submission", str(out)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean_f1"] == pytest.approx(1.0)
     assert arcade_main(["--truth", str(out), "--submission", str(truth_json(root, "test")) + "x"]) == 2
-    assert "submission not found" in capsys.readouterr().err
+    assert "file not found" in capsys.readouterr().err
     gt = load_ground_truth(split / "annotations.json")
     assert arcade_mean_f1(gt, json.loads(predictions.read_text())) == pytest.approx(1.0)
 
@@ -130,12 +128,13 @@ def test_mask_polygons_rasterise_back_to_the_mask():
 
 
 def test_imported_replica_trains(converted, tmp_path, capsys):
-    """Issue: a replica of the official release imports, converts and trains (Stage 2, a few steps)."""
+    """A replica of the official release imports, converts and trains (Stage 2, a few steps)."""
     _, tmp = converted
     out = tmp_path / "run"
     assert main(["train", "--stage", "2", "--no-tracking", "--coco-dir", str(tmp / "coco256"), "--out", str(out),
                  "--max-steps", "2", "--set", "init_from=none", "--set", "scratch.resolution=64",
-                 "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0", "--set", "train.eval_every=100"]) == 0
+                 "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0",
+                 "--set", "train.eval_every=100"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     evaluation = json.loads((out / "eval" / "step_2" / "metrics.json").read_text())
     assert evaluation["settings"]["stage"] == 2 and evaluation["settings"]["n_images"] == 2  # the val split

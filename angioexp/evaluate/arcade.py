@@ -45,7 +45,7 @@ import pandas as pd
 import pycocotools.mask as mask_utils
 
 from angioexp.errors import AngioexpError, InputError
-from angioexp.evaluate.evaluator import GroundTruth, check_predictions
+from angioexp.evaluate.evaluator import GroundTruth, _read_json, check_predictions
 from angioexp.segments import BY_SLUG
 
 # angioexp categories that ARCADE has no counterpart for: out of the metric by default
@@ -116,17 +116,10 @@ class ArcadeScore:
                 "per_image": self.per_image.to_dict(orient="records")}
 
 
-def _read(source, what: str) -> tuple[dict, str | None]:
+def _read(source) -> tuple[dict, str | None]:
     if isinstance(source, dict):
         return source, None
-    path = Path(source)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} not found", file=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} is not valid JSON: {exc}", file=path) from None
-    return data, str(path)
+    return _read_json(Path(source)), str(source)
 
 
 def _check(data, file, what: str) -> None:
@@ -159,8 +152,8 @@ def _first_polygons(data: dict) -> dict[str, dict[int, list]]:
 
 def score_submission(truth, submission) -> ArcadeScore:
     """Score an ARCADE-format submission (file or dict) against an ARCADE-format truth."""
-    truth, truth_file = _read(truth, "truth")
-    submission, submission_file = _read(submission, "submission")
+    truth, truth_file = _read(truth)
+    submission, submission_file = _read(submission)
     _check(truth, truth_file, "truth")
     _check(submission, submission_file, "submission")
     if len(truth["images"]) != len(submission["images"]):

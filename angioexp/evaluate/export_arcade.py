@@ -26,7 +26,6 @@ An existing ``--out`` is refused (one line, nothing written); the file is writte
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +35,7 @@ import pycocotools.mask as mask_utils
 
 from angioexp.data.importers.arcade import ARCADE_CATEGORIES
 from angioexp.errors import InputError
-from angioexp.evaluate.evaluator import check_predictions, load_ground_truth
+from angioexp.evaluate.evaluator import _read_json, check_predictions, load_ground_truth
 from angioexp.evaluate.rle import decode
 from angioexp.fileio import write_json_atomic
 from angioexp.segments import BY_LABEL
@@ -86,12 +85,7 @@ def _arcade_image(image: dict) -> tuple[int, str]:
 
 def _template(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("template not found", file=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"template is not valid JSON: {exc}", file=path) from None
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("categories"), list):
         raise InputError("template needs 'images' and 'categories' lists (ARCADE's empty_annotations.json)", file=path)
@@ -119,12 +113,7 @@ def export_arcade(coco: str | Path, predictions: str | Path | list, out: str | P
     prediction_file = None
     if not isinstance(predictions, list):
         prediction_file = Path(predictions)
-        try:
-            predictions = json.loads(prediction_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError("predictions not found", file=prediction_file) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"predictions are not valid JSON: {exc}", file=prediction_file) from None
+        predictions = _read_json(prediction_file)
     detections = check_predictions(gt, predictions, file=prediction_file)
 
     if template is not None:
