@@ -288,11 +288,10 @@ class _SplitImport:
         for kind, polygons, annotation_id in annotations:
             if kind == STENOSIS:
                 stenoses.append({"annotation_id": annotation_id, "segmentation": polygons})
-                continue
-            mask = _rasterise(polygons, height, width)
-            layers[kind] = layers[kind] | mask if kind in layers else mask
+            elif self.task == "syntax":  # segment polygons in the stenosis task are not its label
+                mask = _rasterise(polygons, height, width)
+                layers[kind] = layers[kind] | mask if kind in layers else mask
         if self.task == STENOSIS:
-            layers = {}  # segment polygons in the stenosis task are not its label
             label = _rasterise([p for s in stenoses for p in s["segmentation"]], height, width) if stenoses else None
         else:
             label = np.logical_or.reduce(list(layers.values())) if layers else None
