@@ -139,3 +139,17 @@ def test_imported_replica_trains(converted, tmp_path, capsys):
     evaluation = json.loads((out / "eval" / "step_2" / "metrics.json").read_text())
     assert evaluation["settings"]["stage"] == 2 and evaluation["settings"]["n_images"] == 2  # the val split
     assert {row["slug"] for row in evaluation["per_category"]} >= {"left_main", "diagonal_1a", "om_2", "rplb_c"}
+
+
+def test_export_refuses_a_split_that_mixes_arcade_splits(converted, tmp_path, capsys):
+    root, _ = converted
+    study, coco = tmp_path / "study", tmp_path / "coco"
+    assert main(["import-arcade", "--root", str(root), "--out", str(study), "--split-map", "val=test"]) == 0
+    assert main(["convert", "--index", str(study / "index.csv"), "--out", str(coco), "--stage", "2",
+                 "--workers", "1"]) == 0
+    predictions = _truth_as_predictions(coco / "test", tmp_path / "predictions.json")
+    out = tmp_path / "submission.json"
+    assert main(["export-arcade", "--coco", str(coco / "test"), "--predictions", str(predictions),
+                 "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "both come from ARCADE's '1.png'" in message and "arcade_val_1" in message and not out.exists()

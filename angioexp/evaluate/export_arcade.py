@@ -131,9 +131,18 @@ def export_arcade(coco: str | Path, predictions: str | Path | list, out: str | P
         name = category.get("syntax") or (BY_LABEL[label].syntax if label in BY_LABEL else None)
         if name in arcade_id_of_name:
             category_of[label] = arcade_id_of_name[name]
+    if not category_of:
+        raise InputError("none of the split's segments is among the template's categories (expected ARCADE's "
+                         "names '1' … '16c')", file=template)
     target_of: dict[int, dict] = {}  # angioexp image id → ARCADE image entry
+    case_of_file: dict[str, str] = {}
     for image_id, image in gt.images.items():
         _, file_name = _arcade_image(image)
+        if file_name in case_of_file:  # e.g. --split-map val=test: ARCADE's ids restart in every split
+            raise InputError(f"cases {case_of_file[file_name]} and {image.get('case_id')} both come from ARCADE's "
+                             f"{file_name!r}: this split mixes ARCADE splits; export one ARCADE split at a time",
+                             file=_coco_json(coco))
+        case_of_file[file_name] = image.get("case_id")
         if file_name not in by_file:
             raise InputError(f"image {file_name!r} (case {image.get('case_id')}) is not in the template", file=template)
         target_of[image_id] = by_file[file_name]
