@@ -2,7 +2,10 @@
 
 ``SEGMENTS`` is the single source of truth for ids, slugs and text prompts. Integer label ids
 (used in ``segment_mask_path`` label maps and as COCO category ids) are assigned once, here,
-and never change: lettered ARCADE names ("9a", "16c") get ids above 16.
+and never change: lettered ARCADE names ("9a", "16c") get ids above 16, and 26 is the catheter
+(synthetic data labels it). These ids are angioexp's own: ARCADE numbers its 26 categories
+differently (its 26 is "stenosis", a lesion, not a segment); the ARCADE importer and export map
+by SYNTAX name (``angioexp.data.importers.arcade.ARCADE_CATEGORIES``).
 """
 
 from __future__ import annotations
@@ -53,8 +56,6 @@ SEGMENTS: tuple[Segment, ...] = (
 BY_LABEL: dict[int, Segment] = {s.label: s for s in SEGMENTS}
 BY_SYNTAX: dict[str, Segment] = {s.syntax: s for s in SEGMENTS}
 BY_SLUG: dict[str, Segment] = {s.slug: s for s in SEGMENTS}
-# ARCADE spells the catheter category "catether"; accept both.
-BY_SYNTAX["catether"] = BY_SLUG["catheter"]
 
 STAGE1_CATEGORY = {"id": 1, "name": "coronary artery", "supercategory": "vessel"}
 STAGE1_PROMPT = "coronary artery"

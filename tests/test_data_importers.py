@@ -13,50 +13,17 @@ from angioexp.cli import main
 from angioexp.data.convert import convert
 from angioexp.data.importers.masks import assign_splits, binarise
 from angioexp.data.index import read_index
+from angioexp.data.importers.arcade import ARCADE_CATEGORIES
 from angioexp.segments import BY_SYNTAX
 
-ARCADE_NAMES = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "9a", "10", "10a", "11", "12", "12a", "13",
-                "14", "14a", "15", "16", "16a", "16b", "16c", "12b", "14b", "catether"]
-SIZE = 64
+from arcade_replica import ARCADE_NAMES, SIZE, make_arcade, outline, rect, truth_json
 
-
-def _rect(x0, y0, x1, y1) -> list[float]:
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def make_arcade(root: Path, images_per_split: int = 3) -> Path:
-    """ARCADE-like syntax/{split}/annotations/{split}.json + images/*.png with known polygons.
-
-    Image k of each split: segment "5" as a horizontal bar, "9a" as a vertical bar crossing it
-    (annotated after "5", so it wins on the overlap), a catheter bar (annotated first), and in
-    train a duplicated annotation id (as in the public release).
-    """
-    categories = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(ARCADE_NAMES)]
-    cat_id = {c["name"]: c["id"] for c in categories}
-    for split in ("train", "val", "test"):
-        base = root / "arcade" / "syntax" / split
-        (base / "images").mkdir(parents=True)
-        (base / "annotations").mkdir()
-        images, annotations = [], []
-        for k in range(images_per_split):
-            image_id = k + 1
-            pixels = np.full((SIZE, SIZE, 3), 200, np.uint8)
-            pixels[20:30, 5:60] = 60
-            Image.fromarray(pixels).save(base / "images" / f"{image_id}.png")  # RGB on purpose
-            images.append({"id": image_id, "file_name": f"{image_id}.png", "height": SIZE, "width": SIZE})
-            ann_id = 100 * image_id
-            annotations += [
-                {"id": ann_id, "image_id": image_id, "category_id": cat_id["catether"], "iscrowd": 0,
-                 "segmentation": [_rect(0, 50, 40, 54)], "area": 0, "bbox": [0, 0, 0, 0]},
-                {"id": ann_id + 1, "image_id": image_id, "category_id": cat_id["5"], "iscrowd": 0,
-                 "segmentation": [_rect(5, 20, 60, 30)], "area": 0, "bbox": [0, 0, 0, 0]},
-                {"id": ann_id + 1 if split == "train" else ann_id + 2, "image_id": image_id,
-                 "category_id": cat_id["9a"], "iscrowd": 0,
-                 "segmentation": [_rect(30 + k, 10, 36 + k, 56)], "area": 0, "bbox": [0, 0, 0, 0]},
-            ]
-        data = {"images": images, "annotations": annotations, "categories": categories}
-        (base / "annotations" / f"{split}.json").write_text(json.dumps(data))
-    return root
+def test_arcade_category_list_is_the_official_one():
+    assert [name for _, name in ARCADE_CATEGORIES] == ARCADE_NAMES
+    assert [cid for cid, _ in ARCADE_CATEGORIES] == list(range(1, 27))
+    # the 25 segment names are SYNTAX segments; "stenosis" is not a segment and nothing is a catheter alias
+    assert all(BY_SYNTAX[name].system in ("left", "right") for name in ARCADE_NAMES[:25])
+    assert "stenosis" not in BY_SYNTAX and "catether" not in BY_SYNTAX
 
 
 def test_arcade_import_round_trip(tmp_path):
@@ -64,24 +31,46 @@ def test_arcade_import_round_trip(tmp_path):
     out = tmp_path / "study"
     assert main(["import-arcade", "--root", str(root), "--out", str(out)]) == 0
     df = read_index(out / "index.csv", need_segments=True)
-    assert sorted(df["split"].value_counts().items()) == [("test", 3), ("train", 3), ("val", 3)]
-    assert (df["patient_id"] == df["case_id"]).all() and (df["source"] == "arcade").all()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["repaired_annotation_ids"].values()) == [3]  # one duplicate per train image
+    assert sorted(df["split"].value_counts().items()) == [("test", 2), ("train", 2), ("val", 2)]
+    assert (df["patient_id"] == df["case_id"]).all() and (df["source"] == "arcade").all()  # no patients published
     row = df[df["case_id"] == "arcade_train_1"].iloc[0]
+    assert (row["source_image_id"], row["source_file_name"]) == ("1", "1.png")
     cine = np.load(row["cine_path_abs"])
-    assert cine.shape == (1, SIZE, SIZE) and cine.dtype == np.uint8 and cine[0, 25, 10] == 60
+    assert cine.shape == (1, SIZE, SIZE) and cine.dtype == np.uint8 and cine[0, 205, 150] == 70
     segments = np.load(row["segment_mask_path_abs"])
-    lm, d1a, cath = BY_SYNTAX["5"].label, BY_SYNTAX["9a"].label, BY_SYNTAX["catheter"].label
-    assert segments[25, 10] == lm and segments[15, 32] == d1a
-    assert segments[25, 32] == d1a  # overlap: the later annotation wins
-    assert segments[52, 10] == cath and segments[52, 32] == d1a  # vessels win over the catheter
+    lm, d1a, om2, lcx = (BY_SYNTAX[n].label for n in ("5", "9a", "12b", "13"))
+    assert segments[205, 150] == lm and segments[100, 330] == d1a and segments[320, 172] == om2
+    # "13" crosses the left main and is annotated first: the smaller segment keeps the crossing
+    assert segments[205, 203] == lcx
+    layers = np.load(out / "layers" / "arcade_train_1.npz")
+    at = {int(label): layer[205, 203] for label, layer in zip(layers["labels"], layers["masks"])}
+    assert at[lm] and at[lcx]  # both kept where they overlap
     mask = np.load(row["mask_path_abs"]).astype(bool)
-    assert np.array_equal(mask, (segments > 0) & (segments != cath))
+    assert np.array_equal(mask, segments > 0)
+    # stenosis is not a segment: not in the map, not in the tree; its polygon has its own file
+    assert segments[199, 160] == 0 and not mask[199, 160]
+    stenosis = json.loads((out / "stenosis" / "arcade_train_1.json").read_text())
+    assert stenosis["source_file_name"] == "1.png"
+    assert stenosis["stenoses"][0]["segmentation"] == [outline(rect(150, 198, 170, 214))]
+    assert not (out / "stenosis" / "arcade_test_1.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stenosis"] == {"annotations": 4, "cases": 4, "folder": "stenosis"}
+    assert manifest["overlaps"] == {"pixels": 144, "cases": 2, "per_case": {"arcade_train_1": 72, "arcade_train_2": 72}}
+    assert manifest["skipped_annotations"] == [] and "smaller" in manifest["overlap_rule"]
 
     coco = convert(out / "index.csv", tmp_path / "coco", stage=2, workers=1)
-    categories = json.loads((coco / "train" / "annotations.json").read_text())["categories"]
-    assert [c["id"] for c in categories] == sorted([lm, d1a, cath])
+    data = json.loads((coco / "test" / "annotations.json").read_text())
+    assert [c["id"] for c in data["categories"]] == sorted([lm, BY_SYNTAX["6"].label, lcx, d1a, om2,
+                                                           BY_SYNTAX["16c"].label])
+    assert data["images"][0]["source_file_name"] == "1.png" and data["images"][0]["source_image_id"] == "1"
+
+
+def test_arcade_old_challenge_layout(tmp_path):
+    root = make_arcade(tmp_path / "in", images_per_split=1, layout="old")
+    for where in (root, root / "dataset_phase_1", root / "dataset_phase_1" / "segmentation_dataset"):
+        out = tmp_path / f"study_{where.name}"
+        assert main(["import-arcade", "--root", str(where), "--out", str(out)]) == 0
+        assert sorted(read_index(out / "index.csv")["case_id"]) == ["arcade_test_1", "arcade_train_1", "arcade_val_1"]
 
 
 def test_arcade_split_map(tmp_path):
@@ -94,17 +83,102 @@ def test_arcade_split_map(tmp_path):
     assert set(df["case_id"]) == {"arcade_train_1", "arcade_val_1"}
 
 
+def _stenosis_task(root: Path) -> Path:
+    """arcade/stenosis/: the replica's images with only their stenosis annotations."""
+    for split in ("train", "val", "test"):
+        source, target = root / "arcade" / "syntax" / split, root / "arcade" / "stenosis" / split
+        (target / "annotations").mkdir(parents=True)
+        (source / "images").rename(target / "images")
+        data = json.loads(truth_json(root, split).read_text())
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] == 26]
+        (target / "annotations" / f"{split}.json").write_text(json.dumps(data))
+    import shutil
+    shutil.rmtree(root / "arcade" / "syntax")
+    return root
+
+
+def test_arcade_stenosis_task_only_when_asked(tmp_path, capsys):
+    root = _stenosis_task(make_arcade(tmp_path / "in", images_per_split=1, stenosis_splits=("train", "test")))
+    for where in (root, root / "arcade" / "stenosis"):
+        assert main(["import-arcade", "--root", str(where), "--out", str(tmp_path / "x")]) == 2
+        assert "--task stenosis" in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    out = tmp_path / "study"
+    assert main(["import-arcade", "--root", str(root), "--task", "stenosis", "--out", str(out)]) == 0
+    df = read_index(out / "index.csv")
+    assert sorted(df["case_id"]) == ["arcade_stenosis_test_1", "arcade_stenosis_train_1"]  # val has none
+    assert (df["source"] == "arcade-stenosis").all() and df["segment_mask_path"].isna().all()
+    mask = np.load(df.iloc[0]["mask_path_abs"]).astype(bool)
+    assert mask.sum() == 20 * 16 and mask[199, 160]  # the stenosis region is the label
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "stenosis" and manifest["stenosis"]["annotations"] == 2
+    assert [s["reason"] for s in manifest["skipped_images"]] == ["no stenosis annotation"]
+
+
+def test_arcade_patients_from_file_names(tmp_path, capsys):
+    root = make_arcade(tmp_path / "in", images_per_split=2)
+    for split in ("train", "val", "test"):  # earlier copies carried the patient: "p<patient>_<frame>.png"
+        path = truth_json(root, split)
+        data = json.loads(path.read_text())
+        for image in data["images"]:
+            name = f"p{image['id']}_{split}.png"
+            (path.parent.parent / "images" / image["file_name"]).rename(path.parent.parent / "images" / name)
+            image["file_name"] = name
+        path.write_text(json.dumps(data))
+    args = ["import-arcade", "--root", str(root), "--patient-regex", r"^p(\d+)_"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    assert "patient 'arcade_1' has images in ARCADE's 'train' and 'val' splits" in capsys.readouterr().err
+    out = tmp_path / "study"
+    assert main([*args, "--resplit", "0.4,0.3,0.3", "--out", str(out)]) == 0
+    df = read_index(out / "index.csv")
+    assert sorted(set(df["patient_id"])) == ["arcade_1", "arcade_2"]
+    assert df.groupby("patient_id")["split"].nunique().max() == 1 and len(df) == 6
+
+
 def _break(path: Path, edit) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
 
 
+# annotation-level faults: skipped, listed with file, annotation id and reason; the rest is imported
+SKIPPED = {
+    "odd_polygon": (lambda d: d["annotations"][0]["segmentation"][0].pop(), "odd number of coordinates (15)"),
+    "two_points": (lambda d: d["annotations"][0].update(segmentation=[[1, 1, 5, 5]]), "fewer than 3 points (2)"),
+    "empty_segmentation": (lambda d: d["annotations"][0].update(segmentation=[]), "empty segmentation"),
+    "rle": (lambda d: d["annotations"][0].update(segmentation={"size": [SIZE, SIZE], "counts": "0"}),
+            "RLE where a polygon is expected"),
+    "unknown_image_id": (lambda d: d["annotations"][0].update(image_id=77), "unknown image_id 77"),
+    "unknown_category_id": (lambda d: d["annotations"][0].update(category_id=999), "unknown category_id 999"),
+    "one_bad_polygon_of_two": (lambda d: d["annotations"][4]["segmentation"][1].pop(),
+                               "polygon 2 of 2: odd number of coordinates (15)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_malformed_arcade_annotation_is_skipped_and_listed(name, tmp_path):
+    root = make_arcade(tmp_path / "in", images_per_split=2)
+    path = truth_json(root, "val")
+    edit, reason = SKIPPED[name]
+    _break(path, edit)
+    out = tmp_path / "study"
+    assert main(["import-arcade", "--root", str(root), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    index = 4 if name == "one_bad_polygon_of_two" else 0
+    assert manifest["skipped_annotations"] == [{"file": str(path), "annotation_id": index + 1, "index": index,
+                                                "reason": reason, "dropped": "polygons" if index else "annotation"}]
+    assert len(read_index(out / "index.csv")) == 6
+    if name == "one_bad_polygon_of_two":  # the good polygon of the annotation is kept
+        segments = np.load(out / "segments" / "arcade_val_1.npy")
+        assert segments[320, 152] == BY_SYNTAX["12b"].label and segments[320, 172] == 0
+    elif name == "odd_polygon":  # "13", the crossing bar, is gone from image 1 only
+        assert not (np.load(out / "segments" / "arcade_val_1.npy") == BY_SYNTAX["13"].label).any()
+
+
+# file-level faults: the import stops with one line naming the file and key, nothing written
 MALFORMED = {
     "unknown_category_name": (lambda d: d["categories"][3].update(name="17"), "categories[3].name"),
-    "odd_polygon": (lambda d: d["annotations"][1]["segmentation"][0].pop(), "annotations[1].segmentation"),
-    "unknown_image_id": (lambda d: d["annotations"][2].update(image_id=77), "annotations[2].image_id"),
-    "unknown_category_id": (lambda d: d["annotations"][0].update(category_id=999), "annotations[0].category_id"),
+    "catheter_category_name": (lambda d: d["categories"][25].update(name="catether"), "categories[25].name"),
     "missing_image_file": (lambda d: d["images"][1].update(file_name="nope.png"), "images[1].file_name"),
     "escaping_image_file": (lambda d: d["images"][0].update(file_name="../../x.png"), "images[0].file_name"),
     "no_annotations_key": (lambda d: d.pop("annotations"), "annotations"),
@@ -115,24 +189,23 @@ MALFORMED = {
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_arcade_coco(name, tmp_path, capsys):
     root = make_arcade(tmp_path / "in", images_per_split=2)
-    path = root / "arcade" / "syntax" / "val" / "annotations" / "val.json"
+    path = truth_json(root, "val")
     edit, key = MALFORMED[name]
     _break(path, edit)
     out = tmp_path / "study"
     assert main(["import-arcade", "--root", str(root), "--out", str(out)]) == 2
     message = capsys.readouterr().err.strip()
-    assert str(path) in message and f"key '{key}'" in message, message
+    assert str(path) in message and f"key '{key}'" in message and "\n" not in message, message
     assert not out.exists() and not list(tmp_path.glob(".study.tmp-*"))
 
 
 def test_arcade_invalid_json(tmp_path, capsys):
     root = make_arcade(tmp_path / "in", images_per_split=1)
-    path = root / "arcade" / "syntax" / "test" / "annotations" / "test.json"
+    path = truth_json(root, "test")
     path.write_text('{"images": [')
     assert main(["import-arcade", "--root", str(root), "--out", str(tmp_path / "study")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
-
 
 # --- image/mask folder pairs --------------------------------------------------------------------
 

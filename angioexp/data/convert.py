@@ -282,6 +282,8 @@ def _image_entry(image_id: int, row: dict, result: dict) -> dict:
         "source": _optional(row["source"]),
         "view": _optional(row["view"]),
         "dominance": _optional(row["dominance"]),
+        # where the frame came from in an imported dataset (export-arcade maps back by it)
+        **{key: row[key] for key in ("source_image_id", "source_file_name") if _optional(row[key]) is not None},
     }
 
 

@@ -17,6 +17,8 @@ OPTIONAL_COLUMNS = (
     "source",  # free text: "synthetic", "arcade", a hospital name …
     "view",  # projection name, e.g. "RAO30_CAU25" (informative; angles are authoritative)
     "dominance",  # right / left / co (synthetic data and users who record it)
+    "source_image_id",  # the frame's id in its source dataset (ARCADE's image id): exports map back by it
+    "source_file_name",  # the frame's file name in its source dataset (ARCADE's scorer matches by it)
 )
 PATH_COLUMNS = ("cine_path", "mask_path", "segment_mask_path", "gt_mask_path")
 SPLITS = ("train", "val", "test")

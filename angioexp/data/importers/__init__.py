@@ -1,11 +1,12 @@
 """Importers: datasets users bring → the raw index.csv layout (DESIGN §2), ready for ``convert``.
 
-* :mod:`.arcade` — ARCADE's COCO "syntax" task (polygon segments "1" … "16c").
+* :mod:`.arcade` — ARCADE's COCO polygons (the syntax task: segments "1" … "16c" and
+  "stenosis"; the stenosis task on request).
 * :mod:`.masks` — image/mask folder pairs (DCA1, XCAD, DeepSA's FS-CAD …).
 
 Both write ``index.csv``, ``cines/<case>.npy`` (a 1-frame T×H×W cine of the image, frame_index
-0), ``masks/<case>.npy`` and (ARCADE) ``segments/<case>.npy`` plus ``manifest.json`` with what
-was skipped or repaired, atomically, and validate their own output with
+0), ``masks/<case>.npy`` and (ARCADE) ``segments/<case>.npy``, ``layers/<case>.npz`` and
+``stenosis/<case>.json`` plus ``manifest.json`` with what was skipped or repaired, atomically, and validate their own output with
 :func:`angioexp.data.index.read_index` before it is renamed into place.
 """
 
