@@ -47,6 +47,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     max_val_images: int | None = None  # cap evaluation cost during training
+    # Stage 2: draw frames ∝ max over their segments of (1 / segment frequency)^power, so frames
+    # with rare segments (ramus, lettered sub-branches) come round more often; 0 = plain epochs
+    rare_segment_power: float = 0.0
     use_clean_val_labels: bool = True  # score against gt_mask_path when the data has it
 
 
@@ -409,6 +412,7 @@ _CHECKS["matcher.alpha"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 # Tighter than the generic loss checks above (must come after them).
 _CHECKS["loss.masks.oversample_ratio"] = (lambda v: v >= 1 and math.isfinite(v), "must be >= 1")
 _CHECKS["loss.masks.importance_sample_ratio"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_CHECKS["data.rare_segment_power"] = (lambda v: 0 <= v <= 2, "must be in [0, 2]")
 _CHECKS["loss.identity.class_weight_power"] = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 

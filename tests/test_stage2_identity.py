@@ -180,3 +180,41 @@ def test_segment_report_confusion_counts_vessel_pixels(tmp_path):
     assert (tmp_path / "segments" / "confusion.png").stat().st_size > 1000
     table = pd.read_csv(tmp_path / "segments" / "per_segment.csv")
     assert set(table["slug"]) == {"rca_proximal", "rca_mid", "catheter"}
+
+
+def test_rare_segment_sampler_draws_frames_with_rare_segments_more_often(coco_stage2):
+    from angioexp.model.build import resolved_num_views
+    from angioexp.train.data import TrainingSet
+
+    cfg = load_config(None, ["data.rare_segment_power=1"], stage=2)
+    data = TrainingSet(coco_stage2, cfg, num_views=resolved_num_views(cfg))
+    cats = [s.categories() for s in data.samples]
+    counts = pd.Series([c for cs in cats for c in cs]).value_counts()
+    rarest = counts.index[-1]
+    with_rare = np.array([rarest in cs for cs in cats])
+    assert 0 < with_rare.sum() < len(cats)
+    draws = np.concatenate([data.image_order(epoch) for epoch in range(200)])
+    share = with_rare[draws].mean()
+    assert share > 1.5 * with_rare.mean()  # drawn well above their share of the split
+    assert np.array_equal(data.image_order(3), TrainingSet(coco_stage2, cfg, num_views=resolved_num_views(cfg)).image_order(3))
+    plain = TrainingSet(coco_stage2, load_config(None, [], stage=2), num_views=resolved_num_views(cfg))
+    assert sorted(plain.image_order(0)) == list(range(len(plain)))  # default: a permutation per epoch
+
+
+def test_evaluate_cli_reports_stage2_segment_figures(coco_stage2, tmp_path, capsys):
+    import json
+
+    from angioexp.cli import main
+    from angioexp.evaluate.evaluator import annotations_as_predictions
+
+    truth = coco_stage2 / "val" / "annotations.json"
+    preds = tmp_path / "truth_as_predictions.json"
+    preds.write_text(json.dumps(annotations_as_predictions(truth)))
+    assert main(["evaluate", "--coco", str(coco_stage2), "--predictions", str(preds), "--out", str(tmp_path / "ev"),
+                 "--max-overlays", "0"]) == 0
+    assert "dice_common 1.0000" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert metrics["segments/dice_common"] == pytest.approx(1.0)
+    assert metrics["segments/arcade_mean_f1"] == pytest.approx(1.0)
+    assert 0.05 < metrics["segments/floor_common"] < 0.5
+    assert (tmp_path / "ev" / "segments" / "per_segment.csv").is_file()

@@ -106,11 +106,27 @@ def run(args: argparse.Namespace) -> int:
             )
             result.settings["mode"] = mode
             result.settings["predictions"] = str(args.predictions or args.checkpoint)
+            if result.settings["stage"] == 2:
+                add_segment_figures(result, gt_file, predictions, args.score_threshold, tmp / "segments")
         if args.checkpoint is not None:
             write_json_atomic(tmp / "predictions.json", predictions, indent=None)
         result.write(tmp)
     _print_summary(result, out)
     return 0
+
+
+def add_segment_figures(result, gt_file: Path, predictions: list[dict], score_threshold: float, out_dir: Path) -> None:
+    """Stage 2: dice_common (+ CI), the no-identity floor and ARCADE's mean F1 into
+    ``result.metrics`` under ``segments/``; per-segment table into ``out_dir``."""
+    from angioexp.evaluate.arcade import arcade_mean_f1
+    from angioexp.evaluate.evaluator import load_ground_truth
+    from angioexp.evaluate.segments import segment_report
+
+    gt = load_ground_truth(gt_file)
+    report = segment_report(gt, result.per_pair)
+    report.write(out_dir)
+    result.metrics.update({f"segments/{k}": v for k, v in report.metrics.items()})
+    result.metrics["segments/arcade_mean_f1"] = arcade_mean_f1(gt, predictions, score_threshold)
 
 
 def _print_summary(result, out: Path) -> None:
@@ -119,4 +135,8 @@ def _print_summary(result, out: Path) -> None:
     print(line)
     if "dice_mean_segments" in m:
         print(f"dice_mean_segments {m['dice_mean_segments']:.4f} over {len([k for k in m if k.startswith('dice/')])} segments")
+    if "segments/dice_common" in m:
+        print(f"dice_common {m['segments/dice_common']:.4f} (95% CI {m['segments/dice_common_ci_low']:.4f}-"
+              f"{m['segments/dice_common_ci_high']:.4f}) over {m['segments/n_common']:.0f} common segments; "
+              f"no-identity floor {m['segments/floor_common']:.4f}; ARCADE mean F1 {m['segments/arcade_mean_f1']:.4f}")
     print(f"wrote {out}/ (metrics.json, per_image.csv, per_category.csv, {len(result.overlays)} overlays)", file=sys.stdout)

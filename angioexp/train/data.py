@@ -275,11 +275,32 @@ class TrainingSet:
         return len(self.samples)
 
     def image_order(self, epoch: int) -> np.ndarray:
-        """The shuffled image order of one epoch (a function of seed and epoch only)."""
+        """The image order of one epoch (a function of seed and epoch only): a permutation, or
+        with ``data.rare_segment_power`` a draw weighted towards frames with rare segments."""
         if self._order_epoch != epoch:
-            self._order = np.random.default_rng([self.cfg.seed, 1, epoch]).permutation(len(self.samples))
+            rng = np.random.default_rng([self.cfg.seed, 1, epoch])
+            weights = self.frame_weights()
+            if weights is None:
+                self._order = rng.permutation(len(self.samples))
+            else:
+                self._order = rng.choice(len(self.samples), size=len(self.samples), replace=True, p=weights)
             self._order_epoch = epoch
         return self._order
+
+    def frame_weights(self) -> np.ndarray | None:
+        """Sampling probability per frame ∝ max over its categories of (1 / frequency)^power."""
+        power = self.cfg.data.rare_segment_power
+        if not power or self.cfg.stage != 2:
+            return None
+        present = [s.categories() for s in self.samples]
+        counts: dict[int, int] = {}
+        for cats in present:
+            for c in cats:
+                counts[c] = counts.get(c, 0) + 1
+        n = len(self.samples)
+        rarity = {c: (n / k) ** power for c, k in counts.items()}
+        weights = np.array([max((rarity[c] for c in cats), default=1.0) for cats in present])
+        return weights / weights.sum()
 
     def indices_for_step(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
         """Image indices of this rank's share of the global batch at ``step`` (epoch-wise shuffling)."""

@@ -254,6 +254,10 @@ def evaluate_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, cfg
         segments = segment_report(gt, sem.per_pair, working_resolution=cfg.scratch.resolution,
                                   predicted_label_maps=label_maps or None, seed=cfg.seed)
         metrics.update({f"val/segments/{k}": float(v) for k, v in segments.metrics.items()})
+        from angioexp.evaluate.arcade import arcade_mean_f1
+
+        # ARCADE's challenge metric (per-image mean F1, a false-alarm category zeroes its image)
+        metrics["val/segments/arcade_mean_f1"] = arcade_mean_f1(gt, semantic, cfg.eval.score_threshold)
     metrics["val/predict_seconds"] = predict_s
     metrics["val/images_per_s"] = len(gt.images) / predict_s if predict_s > 0 else float("nan")
     artifacts = EvalArtifacts()
