@@ -61,7 +61,10 @@ def load_model(uri: str, device: str = "cpu"):
         from angioexp.tracking.uri import configure_mlflow
 
         configure_mlflow()
-    resolved = resolve_model(text)
+    try:
+        resolved = resolve_model(text)
+    except InputError as exc:  # the resolver speaks of init_from; here the URI came from --model
+        raise InputError(exc.reason, key="--model") from None
     cfg = config_from_dict(resolved.config, source=text) if resolved.config else None
     backend = (cfg.backend if cfg is not None else _stored_backend(resolved.weights))
     if backend == "sam3":
