@@ -253,7 +253,7 @@ def test_pydicoms_own_odd_encodings_decode_to_the_same_pixels(tmp_path):
 
     reference = read_xa(_as_xa("MR_small.dcm", tmp_path)).frames
     assert reference.shape == (1, 64, 64) and reference.dtype == np.uint16
-    for name in ("MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm"):
+    for name in ("MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"):
         frames = read_xa(_as_xa(name, tmp_path)).frames
         assert np.array_equal(frames, reference), name
     deflated = read_xa(_as_xa("image_dfl.dcm", tmp_path))
@@ -262,6 +262,10 @@ def test_pydicoms_own_odd_encodings_decode_to_the_same_pixels(tmp_path):
     assert multi.shape[0] == 2 and multi.dtype == np.uint8
     with pytest.raises(SkippedFile, match="unreadable pixel data"):
         read_xa(_as_xa("MR_truncated.dcm", tmp_path))
+    try:  # JPEG-LS decodes only through a plugin (pylibjpeg-libjpeg or gdcm)
+        read_xa(_as_xa("MR_small_jpeg_ls_lossless.dcm", tmp_path))
+    except SkippedFile as exc:
+        assert "transfer syntax JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)" in str(exc)
     with pytest.raises(SkippedFile, match="not X-ray angiography: modality RTDOSE"):
         read_xa(_bundled("rtdose_rle.dcm"))
 
