@@ -249,7 +249,6 @@ def _as_xa(name: str, folder: Path) -> Path:
 
 
 def test_pydicoms_own_odd_encodings_decode_to_the_same_pixels(tmp_path):
-    import pydicom.data  # noqa: F401 - the bundled test files
 
     reference = read_xa(_as_xa("MR_small.dcm", tmp_path)).frames
     assert reference.shape == (1, 64, 64) and reference.dtype == np.uint16
@@ -278,3 +277,27 @@ def test_bad_roots_are_one_line_errors(tmp_path):
         import_dicom(tmp_path / "root", tmp_path / "root" / "out")
     with pytest.raises(InputError, match="no importable XA cine among 0"):
         import_dicom(tmp_path / "root", tmp_path / "out")
+
+
+def test_labels_match_by_relative_path_and_a_shared_bare_stem_is_refused(synth, tmp_path):
+    source = _copy_one(synth, tmp_path / "src")
+    root = tmp_path / "root"
+    for sub in ("a", "b"):  # two runs with the same file name in different folders
+        (root / sub).mkdir(parents=True)
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.{ord(sub)}"
+        ds.save_as(root / sub / "IMG1.dcm", enforce_file_format=True)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[60:64, 10:100] = 1
+    mirrored = tmp_path / "mirrored"
+    for sub, frame in (("a", 1), ("b", 2)):
+        (mirrored / sub).mkdir(parents=True)
+        np.save(mirrored / sub / f"IMG1_frame{frame}.npy", mask)
+    out = import_dicom(root, tmp_path / "out", masks=mirrored, salt=SALT)
+    assert sorted(int(r["frame_index"]) for r in _rows(out / "index.csv")) == [1, 2]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    np.save(flat / "IMG1.npy", mask)
+    with pytest.raises(InputError, match=r"label IMG1.npy matches both a/IMG1.dcm and b/IMG1.dcm"):
+        import_dicom(root, tmp_path / "out2", masks=flat, salt=SALT)
+    assert not (tmp_path / "out2").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +174,34 @@ def test_stage2_prompts_are_segment_names(checkpoint):
     assert len(categories_for(cfg2, None)) == 26
     with pytest.raises(InputError, match="unknown segment"):
         categories_for(cfg2, ["LAD"])
+
+
+def test_a_sam3_model_without_the_sam3_extra_says_how_to_install(tmp_path):
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("sam3") is not None:
+        pytest.skip("the sam3 extra is installed here")
+    torch.save({"model": {"w": torch.zeros(1)}, "config": {"backend": "sam3", "stage": 1}}, tmp_path / "sam3.pt")
+    frame = tmp_path / "f.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(frame)
+    with pytest.raises(InputError, match=r"is a SAM3 model: install the sam3 extra first \(pip install 'angioexp\[sam3\]'"):
+        predict(str(tmp_path / "sam3.pt"), [frame], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overlay_png_and_animated_png_are_lossless():
+    import io
+
+    from angioexp.predict.outputs import apng, png
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (37, 51, 3), dtype=np.uint8) for _ in range(3)]
+    with Image.open(io.BytesIO(png(frames[0]))) as image:
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), frames[0])
+    with Image.open(io.BytesIO(apng(frames, fps=12.5))) as movie:
+        assert movie.n_frames == 3 and movie.info["duration"] == 80
+        for k, expected in enumerate(frames):
+            movie.seek(k)
+            assert np.array_equal(np.asarray(movie.convert("RGB")), expected)

@@ -135,6 +135,23 @@ def _label_map(results: list[dict], shape: tuple[int, int], threshold: float) ->
     return labels, best
 
 
+def write_frame(folder: Path, stem: str, gray: np.ndarray, results: list[dict], threshold: float,
+                names: dict[int, str], spacing_mm: float | None) -> tuple[np.ndarray, list[dict]]:
+    """One frame's results → labels/<stem>.npy + .png and overlays/<stem>.png in ``folder``;
+    returns the overlay (for a cine's video) and the frame's per-label table rows.
+
+    Plain writes, no fsync per file: ``folder`` lies in the temporary output folder that is
+    renamed into place only when everything is written."""
+    from angioexp.predict.outputs import label_png, overlay, png, segment_rows
+
+    labels, best = _label_map(results, gray.shape, threshold)
+    np.save(folder / "labels" / f"{stem}.npy", labels)
+    (folder / "labels" / f"{stem}.png").write_bytes(label_png(labels))
+    rgb = overlay(gray, labels)
+    (folder / "overlays" / f"{stem}.png").write_bytes(png(rgb))
+    return rgb, segment_rows(labels, names, best, spacing_mm)
+
+
 def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompts: list[str] | None = None,
             threshold: float | None = None, frames: str | None = None, device: str = "cpu",
             overwrite: bool = False, progress: bool = False) -> dict:
@@ -142,9 +159,9 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
     from tqdm import tqdm
 
     from angioexp.data.convert import encode_png_gray8, to_uint8
-    from angioexp.fileio import atomic_dir, write_bytes_atomic, write_json_atomic
+    from angioexp.fileio import atomic_dir, write_json_atomic
     from angioexp.predict.inputs import input_roots, read_inputs
-    from angioexp.predict.outputs import label_png, overlay, png, segment_rows, write_video
+    from angioexp.predict.outputs import write_video
     from angioexp.train.inference import predict_split
 
     if not inputs:
@@ -189,16 +206,12 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
                 for r in results:
                     by_image.setdefault(r["image_id"], []).append(r)
                 for entry, gray in zip(entries, grays):
-                    labels, best = _label_map(by_image.get(entry["id"], []), gray.shape, threshold)
                     stem = f"frame_{entry['frame_index']:04d}"
-                    np.save(folder / "labels" / f"{stem}.npy", labels)
-                    write_bytes_atomic(folder / "labels" / f"{stem}.png", label_png(labels))
-                    rgb = overlay(gray, labels)
-                    write_bytes_atomic(folder / "overlays" / f"{stem}.png", png(rgb))
+                    rgb, rows = write_frame(folder, stem, gray, by_image.get(entry["id"], []), threshold, names,
+                                            source.pixel_spacing_mm)
                     if source.is_cine:
                         video.append(rgb)
-                    for row in segment_rows(labels, names, best, source.pixel_spacing_mm):
-                        table.append({"source": source.name, "frame_index": entry["frame_index"], **row})
+                    table += [{"source": source.name, "frame_index": entry["frame_index"], **row} for row in rows]
                     entry["file_name"] = f"{source.name}/overlays/{stem}.png"
                 all_results += results
                 images += entries

@@ -61,10 +61,10 @@ import numpy as np
 
 from angioexp.data.importers import read_gray, write_study
 from angioexp.data.importers.masks import assign_splits, binarise
-from angioexp.data.index import CASE_ID_PATTERN, NUMERIC_COLUMNS
+from angioexp.data.index import NUMERIC_COLUMNS
 from angioexp.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir
+from angioexp.fileio import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -305,26 +305,36 @@ def _hash(salt: bytes, prefix: str, value: str) -> str:
     return prefix + hmac.new(salt, value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
-def _label_files(folder: Path | None) -> dict[str, Path]:
-    """Label files of ``folder`` by key: their path below it without the suffix, and the stem."""
+def _label_files(folder: Path | None) -> dict[str, tuple[Path, int | None]]:
+    """Label files of ``folder`` by their path below it without the suffix and without a
+    ``_frame<N>`` tail → (file, N or None)."""
+    found: dict[str, tuple[Path, int | None]] = {}
     if folder is None:
-        return {}
-    found: dict[str, Path] = {}
+        return found
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in LABEL_SUFFIXES:
-            found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
+        if not (path.is_file() and path.suffix.lower() in LABEL_SUFFIXES):
+            continue
+        key = path.relative_to(folder).with_suffix("").as_posix()
+        match = _FRAME_IN_NAME.match(key)
+        key, frame = (match.group("stem"), int(match.group("frame"))) if match else (key, None)
+        if key in found:
+            raise InputError(f"two label files for one cine: {found[key][0].name} and {path.name}", file=path)
+        found[key] = (path, frame)
     return found
 
 
-def _match_label(labels: dict[str, Path], relative: Path) -> tuple[Path | None, int | None]:
-    """The label of the DICOM at ``relative`` (below --root) and the frame its name gives, if any."""
-    keys = {relative.with_suffix("").as_posix(), relative.with_suffix("").name}
-    for key, path in labels.items():
-        match = _FRAME_IN_NAME.match(key)
-        stem, frame = (match.group("stem"), int(match.group("frame"))) if match else (key, None)
-        if stem in keys or stem.rsplit("/", 1)[-1] in keys and "/" not in stem:
-            return path, frame
-    return None, None
+def _match_label(labels: dict[str, tuple[Path, int | None]], relative: Path, claimed: dict[Path, Path]):
+    """The label of the DICOM at ``relative`` (below --root): same relative path, else same bare
+    stem in a flat label folder — which two DICOMs of the same name may not share."""
+    stem = relative.with_suffix("")
+    found = labels.get(stem.as_posix()) or labels.get(stem.name)
+    if found is None:
+        return None, None
+    if found[0] in claimed and claimed[found[0]] != relative:
+        raise InputError(f"label {found[0].name} matches both {claimed[found[0]]} and {relative} "
+                         "(mirror the DICOM folders in the label folder)", file=found[0])
+    claimed[found[0]] = relative
+    return found
 
 
 def _dicom_files(root: Path) -> list[Path]:
@@ -343,14 +353,18 @@ def import_dicom(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Import every XA cine under ``root`` into a study at ``out_dir``; returns its folder."""
+    """Import every XA cine under ``root`` into a study at ``out_dir``; returns its folder.
+
+    Each cine is written as soon as it is read (an archive never has to fit in memory); the
+    splits are assigned once every patient is known.
+    """
     if split_by != "patient":
         raise InputError(f"--split-by {split_by!r} is not supported (only 'patient')", key="--split-by")
     root = Path(root)
     if not root.is_dir():
         raise InputError("not a folder", file=root)
     label_dirs = {"mask_path": masks, "segment_mask_path": segments}
-    for column, folder in label_dirs.items():
+    for folder in label_dirs.values():
         if folder is not None and not Path(folder).is_dir():
             raise InputError("not a folder", file=folder)
     out = Path(out_dir)
@@ -361,92 +375,86 @@ def import_dicom(
     if not salt_text:
         log.warning("no --salt or $%s: case and patient ids are random and will differ on a re-import", SALT_ENV)
     labels = {column: _label_files(Path(folder) if folder else None) for column, folder in label_dirs.items()}
+    claimed: dict[Path, Path] = {}
 
     files = _dicom_files(root)
-    bar = _progress(progress, len(files))
     skipped: list[str] = []
-    cines: list[tuple[Path, XaCine]] = []
     seen_sop: dict[str, Path] = {}
-    for path in files:
-        bar.update(1)
-        relative = path.relative_to(root)
-        try:
-            cine = read_xa(path)
-            if cine.sop_uid in seen_sop:
-                raise SkippedFile(f"duplicate SOPInstanceUID (also in {seen_sop[cine.sop_uid].relative_to(root)})")
-        except SkippedFile as exc:
-            if strict:
-                raise InputError(f"{exc} (refused: --strict)", file=path) from None
-            print(f"angioexp import-dicom: skipped {relative}: {exc}", file=sys.stderr)
-            skipped.append(str(exc))
-            continue
-        seen_sop[cine.sop_uid] = path
-        cines.append((relative, cine))
-    bar.close()
-    if not cines:
-        raise InputError(f"no importable XA cine among {len(files)} file(s) (skipped: {len(skipped)})", file=root)
-
-    patients = {_hash(salt_bytes, "p", c.patient_key) for _, c in cines}
-    split_of = assign_splits(sorted(patients), SPLIT_RATIOS, SPLIT_SEED)
+    rows: list[dict] = []
     report: dict = {
-        "importer": "dicom", "version": IMPORTER_VERSION, "files": len(files), "imported": len(cines),
-        "skipped": len(skipped), "skipped_reasons": _count(skipped), "salt": "given" if salt_text else "random",
+        "importer": "dicom", "version": IMPORTER_VERSION, "files": len(files), "salt": "given" if salt_text else "random",
         "split_by": split_by, "split_ratios": list(SPLIT_RATIOS), "peak_contrast": PEAK_CONTRAST_METHOD,
         "de_identification": "case_id / patient_id are salted HMAC-SHA256 of SOPInstanceUID / PatientID; "
                              "no other header value or file name is written",
         "cases": [],
     }
-    rows: list[dict] = []
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for sub in ("cines", "masks", "segments"):
             (tmp / sub).mkdir()
-        for relative, cine in cines:
-            case_id = _hash(salt_bytes, "c", cine.sop_uid)
-            assert CASE_ID_PATTERN.match(case_id)
-            patient_id = _hash(salt_bytes, "p", cine.patient_key)
-            row = {"case_id": case_id, "patient_id": patient_id, "split": split_of[patient_id],
-                   "cine_path": f"cines/{case_id}.npy", "source": "dicom"}
-            annotated = None
-            for column in label_dirs:
-                label_path, frame = _match_label(labels[column], relative)
-                if label_path is None:
-                    continue
-                annotated = frame if frame is not None else annotated
-                row[column] = _save_label(label_path, column, tmp, case_id)
-            num_frames = cine.frames.shape[0]
-            if annotated is not None and not 0 <= annotated < num_frames:
-                raise InputError(f"the label names frame {annotated} but the cine has {num_frames} frame(s)",
-                                 file=root / relative)
-            frame_index = annotated if annotated is not None else peak_contrast_frame(cine.frames)
-            chosen_by = "annotated (label file name)" if annotated is not None else (
-                "only frame" if num_frames == 1 else "peak contrast")
-            np.save(tmp / "cines" / f"{case_id}.npy", cine.frames)
-            row.update({
-                "frame_index": frame_index,
-                "primary_angle": _fmt(cine.primary_angle, 2), "secondary_angle": _fmt(cine.secondary_angle, 2),
-                "pixel_spacing_mm": _fmt(cine.pixel_spacing_mm, 6),
-            })
-            rows.append(row)
-            report["cases"].append({
-                "case_id": case_id, "patient_id": patient_id, "study": _hash(salt_bytes, "s", cine.study_uid),
-                "frames": num_frames, "shape": list(cine.frames.shape[1:]), "dtype": cine.frames.dtype.name,
-                "frame_index": frame_index, "frame_chosen_by": chosen_by, "pixel_spacing_from": cine.spacing_from,
-                "transfer_syntax": cine.transfer_syntax, "labelled": "mask_path" in row,
-            })
-        _write_cines_csv(tmp / "cines.csv", rows)
-        labelled = [r for r in rows if "mask_path" in r]
+        for path in _progress(progress, files):
+            relative = path.relative_to(root)
+            try:
+                cine = read_xa(path)
+                if cine.sop_uid in seen_sop:
+                    raise SkippedFile(f"duplicate SOPInstanceUID (also in {seen_sop[cine.sop_uid].relative_to(root)})")
+            except SkippedFile as exc:
+                if strict:
+                    raise InputError(f"{exc} (refused: --strict)", file=path) from None
+                print(f"angioexp import-dicom: skipped {relative}: {exc}", file=sys.stderr)
+                skipped.append(str(exc))
+                continue
+            seen_sop[cine.sop_uid] = path
+            rows.append(_import_cine(cine, relative, tmp, salt_bytes, labels, claimed, report, where=path))
+        if not rows:
+            raise InputError(f"no importable XA cine among {len(files)} file(s) (skipped: {len(skipped)})", file=root)
         if any("segment_mask_path" in r and "mask_path" not in r for r in rows):
             raise InputError("a segment map without a full-tree mask (--masks) cannot go into index.csv", file=segments)
+        split_of = assign_splits(sorted({r["patient_id"] for r in rows}), SPLIT_RATIOS, SPLIT_SEED)
+        for row in rows:
+            row["split"] = split_of[row["patient_id"]]
+        report.update(imported=len(rows), skipped=len(skipped), skipped_reasons=_count(skipped))
+        _write_cines_csv(tmp / "cines.csv", rows)
+        labelled = [r for r in rows if "mask_path" in r]
         if labelled:
             write_study(tmp, labelled, report)
         else:
-            from angioexp.fileio import write_json_atomic
-
-            report["counts"] = {}
             write_json_atomic(tmp / "manifest.json", report)
     log.info("imported %d XA cine(s) of %d patient(s) → %s (%d labelled, %d file(s) skipped)",
-             len(rows), len(patients), out, len(labelled), len(skipped))
+             len(rows), len(split_of), out, len(labelled), len(skipped))
     return out
+
+
+def _import_cine(cine: XaCine, relative: Path, tmp: Path, salt: bytes, labels: dict, claimed: dict, report: dict,
+                 *, where: Path) -> dict:
+    """Write one cine (and its labels) into the study folder; returns its row (no split yet)."""
+    case_id = _hash(salt, "c", cine.sop_uid)
+    patient_id = _hash(salt, "p", cine.patient_key)
+    row = {"case_id": case_id, "patient_id": patient_id, "cine_path": f"cines/{case_id}.npy", "source": "dicom"}
+    annotated = None
+    for column in labels:
+        label_path, frame = _match_label(labels[column], relative, claimed)
+        if label_path is not None:
+            annotated = frame if frame is not None else annotated
+            row[column] = _save_label(label_path, column, tmp, case_id)
+    num_frames = cine.frames.shape[0]
+    if annotated is not None and not 0 <= annotated < num_frames:
+        raise InputError(f"the label names frame {annotated} but the cine has {num_frames} frame(s)", file=where)
+    frame_index = annotated if annotated is not None else peak_contrast_frame(cine.frames)
+    chosen_by = "annotated (label file name)" if annotated is not None else (
+        "only frame" if num_frames == 1 else "peak contrast")
+    np.save(tmp / "cines" / f"{case_id}.npy", cine.frames)
+    row.update({
+        "frame_index": frame_index,
+        "primary_angle": _fmt(cine.primary_angle, 2), "secondary_angle": _fmt(cine.secondary_angle, 2),
+        "pixel_spacing_mm": _fmt(cine.pixel_spacing_mm, 6),
+    })
+    report["cases"].append({
+        "case_id": case_id, "patient_id": patient_id, "study": _hash(salt, "s", cine.study_uid),
+        "frames": num_frames, "shape": list(cine.frames.shape[1:]), "dtype": cine.frames.dtype.name,
+        "frame_index": frame_index, "frame_chosen_by": chosen_by, "pixel_spacing_from": cine.spacing_from,
+        "transfer_syntax": cine.transfer_syntax, "labelled": "mask_path" in row,
+    })
+    return row
 
 
 def _save_label(path: Path, column: str, tmp: Path, case_id: str) -> str:
@@ -483,10 +491,10 @@ def _write_cines_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, files: list[Path]):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="file", desc="import-dicom", disable=not enabled)
+    return tqdm(files, unit="file", desc="import-dicom", disable=not enabled)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
