@@ -205,3 +205,22 @@ def test_overlay_png_and_animated_png_are_lossless():
         for k, expected in enumerate(frames):
             movie.seek(k)
             assert np.array_equal(np.asarray(movie.convert("RGB")), expected)
+
+
+def test_stage2_model_labels_only_the_prompted_segments_and_says_no_arcade(tmp_path):
+    from test_core_fixtures import STAGE2_LABELS
+
+    coco = make_vessel_coco(tmp_path / "coco", stage=2, size=64, n_train=4, n_val=2, seed=2)
+    assert main(["train", "--stage", "2", "--no-tracking", "--init-from", "none", "--coco-dir", str(coco),
+                 "--out", str(tmp_path / "run"), "--max-steps", "2", *BASE]) == 0
+    frame = next((coco / "val" / "images").glob("*.png"))
+    prompts = [str(label) for label in STAGE2_LABELS[:2]]
+    summary = predict(str(tmp_path / "run" / "checkpoints" / "last.pt"), [frame], tmp_path / "out", prompts=prompts,
+                      threshold=0.0)
+    assert [c["id"] for c in summary["categories"]] == list(STAGE2_LABELS[:2])
+    assert summary["arcade"] and "ARCADE" in summary["arcade"]
+    labels = np.load(tmp_path / "out" / frame.stem / "labels" / "frame_0000.npy")
+    assert set(np.unique(labels).tolist()) <= {0, *STAGE2_LABELS[:2]} and labels.any()
+    table = _rows(tmp_path / "out" / "segments.csv")
+    assert {int(r["label"]) for r in table} == set(np.unique(labels).tolist()) - {0}
+    assert all(r["centreline_mm"] == "" for r in table)  # a PNG knows no pixel spacing
