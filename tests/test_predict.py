@@ -224,3 +224,17 @@ def test_stage2_model_labels_only_the_prompted_segments_and_says_no_arcade(tmp_p
     table = _rows(tmp_path / "out" / "segments.csv")
     assert {int(r["label"]) for r in table} == set(np.unique(labels).tolist()) - {0}
     assert all(r["centreline_mm"] == "" for r in table)  # a PNG knows no pixel spacing
+
+
+def test_cine_video_is_an_mp4_with_imageio_ffmpeg(tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    from angioexp.predict.outputs import write_video
+
+    frames = [np.full((33, 47, 3), 40 * k, dtype=np.uint8) for k in range(5)]  # odd sides: padded to even
+    path = write_video(tmp_path, frames, fps=12.5)
+    assert path.name == "overlay.mp4" and path.stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["overlay.mp4"]  # no temporary left
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = reader.__next__()
+    assert tuple(meta["size"]) == (48, 34) and abs(meta["fps"] - 12.5) < 0.1
+    assert sum(1 for _ in reader) == 5
