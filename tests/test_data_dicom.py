@@ -259,6 +259,12 @@ def test_pydicoms_own_odd_encodings_decode_to_the_same_pixels(tmp_path):
     assert "Deflated" in deflated.transfer_syntax and deflated.frames.dtype == np.uint8
     multi = read_xa(_as_xa("SC_rgb_rle_2frame.dcm", tmp_path)).frames  # colour RLE, 2 frames → luminance
     assert multi.shape[0] == 2 and multi.dtype == np.uint8
+    wide = read_xa(_as_xa("SC_rgb_rle_16bit.dcm", tmp_path)).frames  # 16-bit colour keeps 16 bits
+    assert wide.dtype == np.uint16 and wide.max() > 255
+    palette_file = _as_xa("examples_palette.dcm", tmp_path)
+    palette = read_xa(palette_file).frames  # the colours of the indices, not the indices
+    indices = pydicom.dcmread(palette_file).pixel_array
+    assert palette.shape == (1, *indices.shape) and not np.array_equal(palette[0], indices)
     with pytest.raises(SkippedFile, match="unreadable pixel data"):
         read_xa(_as_xa("MR_truncated.dcm", tmp_path))
     try:  # JPEG-LS decodes only through a plugin (pylibjpeg-libjpeg or gdcm)

@@ -199,10 +199,15 @@ def _pixels(ds) -> np.ndarray:
         raise SkippedFile(f"unreadable pixel data (truncated file?): {first}") from None
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
-    if samples == 3:  # colour frames (rare in XA) → luminance
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":  # indices → their colours
+        from pydicom.pixels import apply_color_lut
+
+        array, samples = apply_color_lut(array, ds), 3
+    if samples == 3:  # colour frames (rare in XA) → luminance, in the colour's own bit depth
         array = array if frames > 1 else array[None]
-        array = np.round(array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
-        array = np.clip(array, 0, 255).astype(np.uint8)
+        top = np.iinfo(array.dtype).max if array.dtype.kind in "ui" else None
+        luminance = np.round(array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+        array = np.clip(luminance, 0, top).astype(array.dtype) if top is not None else luminance
     elif frames == 1 or array.ndim == 2:
         array = array.reshape((1, *array.shape[-2:]))
     if array.ndim != 3:
