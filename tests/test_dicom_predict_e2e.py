@@ -60,7 +60,7 @@ def test_synth_dicom_import_prepare_train_predict(tmp_path, mlflow_uri, monkeypa
         identifying |= set(synthetic_identity(seed, row["patient_id"], row["case_id"]).values()) - {"F", "M"}
         ds = pydicom.dcmread(tmp_path / "synth" / "dicom" / f"{row['case_id']}.dcm", stop_before_pixels=True)
         identifying |= {ds.StudyInstanceUID, ds.SOPInstanceUID}
-    written = b"".join(p.read_bytes() for top in ("study", "cache", "run", "mlartifacts", "mlflow.db")
+    written = b"".join(p.read_bytes() for top in ("study", "cache", "run", "pred", "mlartifacts", "mlflow.db")
                        for p in ([tmp_path / top] if (tmp_path / top).is_file() else (tmp_path / top).rglob("*"))
                        if p.is_file())
     assert len(written) > 1_000_000
