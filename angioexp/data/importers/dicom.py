@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from angioexp.data.importers import read_gray, write_study
 from angioexp.data.importers.masks import assign_splits, binarise
@@ -405,7 +406,7 @@ def import_dicom(
             except SkippedFile as exc:
                 if strict:
                     raise InputError(f"{exc} (refused: --strict)", file=path) from None
-                print(f"angioexp import-dicom: skipped {relative}: {exc}", file=sys.stderr)
+                tqdm.write(f"angioexp import-dicom: skipped {relative}: {exc}", file=sys.stderr)  # above the bar
                 skipped.append(str(exc))
                 continue
             seen_sop[cine.sop_uid] = path
@@ -497,8 +498,6 @@ def _write_cines_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _progress(enabled: bool, files: list[Path]):
-    from tqdm import tqdm
-
     return tqdm(files, unit="file", desc="import-dicom", disable=not enabled)
 
 
