@@ -238,3 +238,16 @@ def test_cine_video_is_an_mp4_with_imageio_ffmpeg(tmp_path):
     meta = reader.__next__()
     assert tuple(meta["size"]) == (48, 34) and abs(meta["fps"] - 12.5) < 0.1
     assert sum(1 for _ in reader) == 5
+
+
+def test_a_runs_uri_resolves_through_the_training_resolver(checkpoint, tmp_path, mlflow_uri):
+    import mlflow
+
+    ckpt, _ = checkpoint
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(ckpt), "ckpt")
+    frame = tmp_path / "f.png"
+    Image.fromarray(np.full((48, 48), 90, np.uint8)).save(frame)
+    summary = predict(f"runs:/{run.info.run_id}/ckpt/last.pt", [frame], tmp_path / "out")
+    assert summary["model"]["run_id"] == run.info.run_id and summary["frames"] == 1
+    assert (tmp_path / "out" / "f" / "labels" / "frame_0000.npy").is_file()
