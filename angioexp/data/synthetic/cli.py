@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview", action="store_true", help="also write preview.png (contact sheet)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores; never changes the output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write each cine as a DICOM XA multi-frame file, dicom/<case_id>.dcm (needs pydicom)")
     parser.add_argument("--pseudo-dice", type=float, default=0.83, help="mean Dice of pseudo-labels vs clean (default 0.83)")
     parser.add_argument(
         "--set", dest="knobs", action="append", default=[], metavar="KNOB=VALUE",
@@ -50,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         **_parse_knobs(args.knobs),
     )
+    if args.dicom:
+        from angioexp.data.synthetic.dicom import write_dicom_study
+
+        write_dicom_study(out)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     dice = manifest["pseudo_label_dice"]
     splits = ", ".join(f"{k} {v['cases']}" for k, v in manifest["splits"].items())

@@ -1,0 +1,271 @@
+"""``angioexp predict``: apply a trained model to new frames, cines, DICOM XA files or an index.csv.
+
+    predict("models:/angio-stage2@champion", ["run1.dcm", "frame.png"], "out/", threshold=0.5)
+
+The model comes through :func:`angioexp.tracking.models.resolve_model` (``models:/…``,
+``runs:/…``, a checkpoint file or folder — as ``init_from`` in training) and runs through the
+evaluation's own inference: the frames of each input are laid out as a COCO split (8-bit, the
+converter's windowing) and predicted with :func:`angioexp.train.inference.predict_split`, so a
+change to how a stage is inferred there reaches ``predict`` too. Per (frame, category) the
+results with score ≥ ``threshold`` are merged as the evaluator merges them (Dice and clDice are
+computed on the same union); where two categories claim a pixel, the higher-scoring one keeps it.
+
+Output (written into a temporary sibling of ``out`` and renamed into place)::
+
+    predictions.json           COCO results (RLE) of every frame, image ids as in images.json
+    images.json                COCO image entries: id, source file, frame, size, spacing, angles
+    segments.csv               per frame and label: area (px, mm²), centreline length (px, mm)
+    predict.json               model (URI, resolved version / run), threshold, categories, counts, timings
+    <input>/labels/frame_NNNN.npy, .png   uint8 label map (PNG: palette, values = labels)
+    <input>/overlays/frame_NNNN.png       the frame with the labels tinted
+    <input>/overlay.mp4 or overlay_cine.png  a cine's overlay video (MP4 with imageio-ffmpeg, else APNG)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from angioexp.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ARCADE_NOTE = "ARCADE-format output: no ARCADE exporter in this angioexp; use predictions.json (COCO results)"
+
+
+def check_output_clear(out: str | Path, roots: list[Path]) -> None:
+    """Refuse an output folder that is an input, contains one, or lies inside one (nothing is touched)."""
+    target = Path(out).resolve()
+    for root in roots:
+        if target == root or target in root.parents or root in target.parents:
+            raise InputError(f"the output folder must not be, contain or lie inside an input ({root})", file=out)
+
+
+def load_model(uri: str, device: str = "cpu"):
+    """(model, cfg, ResolvedModel) for a core-backend model behind ``uri``."""
+    import importlib.util
+
+    from angioexp.tracking.models import resolve_model
+    from angioexp.train.checkpoint import config_from_dict
+    from angioexp.train.inference import _load_model
+
+    text = str(uri).strip()
+    if text.startswith(("models:/", "runs:/")):
+        from angioexp.tracking.uri import configure_mlflow
+
+        configure_mlflow()
+    try:
+        resolved = resolve_model(text)
+    except InputError as exc:  # the resolver speaks of init_from; here the URI came from --model
+        raise InputError(exc.reason, key="--model") from None
+    cfg = config_from_dict(resolved.config, source=text) if resolved.config else None
+    backend = (cfg.backend if cfg is not None else _stored_backend(resolved.weights))
+    if backend == "sam3":
+        if importlib.util.find_spec("sam3") is None:
+            raise InputError("is a SAM3 model: install the sam3 extra first (pip install 'angioexp[sam3]', "
+                             "see README 'SAM3 backend')", file=text)
+        raise InputError("is a SAM3 model: predict runs core-backend models; score SAM3 models with "
+                         "`angioexp train --backend sam3` evaluations", file=text)
+    import torch
+
+    model, cfg = _load_model(str(resolved.weights), cfg, torch.device(device))
+    model.eval()
+    return model, cfg, resolved
+
+
+def _stored_backend(weights: Path) -> str:
+    from angioexp.checkpoints import read_checkpoint
+
+    payload = read_checkpoint(weights)
+    stored = payload.get("config") if isinstance(payload, dict) else None
+    return str((stored or {}).get("backend") or "core")
+
+
+def categories_for(cfg, prompts: list[str] | None) -> list[dict]:
+    """COCO categories to query: Stage 1 its prompt(s); Stage 2 the segments (all by default),
+    named by SYNTAX name ("6", "9a"), slug or label id."""
+    from angioexp.segments import STAGE1_CATEGORY, STAGE1_PROMPT, segment_for, stage2_categories
+
+    if cfg.stage == 1:
+        texts = prompts or [STAGE1_PROMPT]
+        return [dict(STAGE1_CATEGORY, id=i, name=t, prompt=t) for i, t in enumerate(texts, start=1)]
+    if not prompts:
+        return stage2_categories()
+    labels = []
+    for text in prompts:
+        try:
+            labels.append(segment_for(text.strip()).label)
+        except KeyError:
+            raise InputError("unknown segment (use a SYNTAX name such as 6 or 9a, or a slug such as lad_proximal)",
+                             key=f"--prompts {text}") from None
+    return stage2_categories(labels)
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name!r}: no CUDA device here", key="--device")
+    return name
+
+
+def _label_map(results: list[dict], shape: tuple[int, int], threshold: float) -> tuple[np.ndarray, dict[int, float]]:
+    """Kept results of one frame → uint8 label map (category id = label) and each label's best score."""
+    from angioexp.evaluate.evaluator import _merge
+    from angioexp.evaluate.rle import decode
+
+    kept: dict[int, list[dict]] = {}
+    best: dict[int, float] = {}
+    for r in results:
+        if r["score"] >= threshold:
+            kept.setdefault(r["category_id"], []).append(r["segmentation"])
+            best[r["category_id"]] = max(best.get(r["category_id"], 0.0), r["score"])
+    labels = np.zeros(shape, dtype=np.uint8)
+    for category_id in sorted(kept, key=lambda c: best[c]):  # the best-scoring category paints last
+        labels[decode(_merge(kept[category_id]))] = category_id
+    return labels, best
+
+
+def write_frame(folder: Path, stem: str, gray: np.ndarray, results: list[dict], threshold: float,
+                names: dict[int, str], spacing_mm: float | None) -> tuple[np.ndarray, list[dict]]:
+    """One frame's results → labels/<stem>.npy + .png and overlays/<stem>.png in ``folder``;
+    returns the overlay (for a cine's video) and the frame's per-label table rows.
+
+    Plain writes, no fsync per file: ``folder`` lies in the temporary output folder that is
+    renamed into place only when everything is written."""
+    from angioexp.predict.outputs import label_png, overlay, png, segment_rows
+
+    labels, best = _label_map(results, gray.shape, threshold)
+    np.save(folder / "labels" / f"{stem}.npy", labels)
+    (folder / "labels" / f"{stem}.png").write_bytes(label_png(labels))
+    rgb = overlay(gray, labels)
+    (folder / "overlays" / f"{stem}.png").write_bytes(png(rgb))
+    return rgb, segment_rows(labels, names, best, spacing_mm)
+
+
+def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompts: list[str] | None = None,
+            threshold: float | None = None, frames: str | None = None, device: str = "cpu",
+            overwrite: bool = False, progress: bool = False) -> dict:
+    """Predict every input (see the module docstring); returns the summary written to predict.json."""
+    from tqdm import tqdm
+
+    from angioexp.data.convert import encode_png_gray8, to_uint8
+    from angioexp.fileio import atomic_dir, write_json_atomic
+    from angioexp.predict.inputs import input_roots, read_inputs
+    from angioexp.predict.outputs import write_video
+    from angioexp.train.inference import predict_split
+
+    if not inputs:
+        raise InputError("no --input given", key="--input")
+    check_output_clear(out, input_roots(inputs))
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InputError("output already exists (pass --overwrite to replace it)", file=out)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be in [0, 1], got {threshold}", key="--threshold")
+    sources = read_inputs(inputs, frames)
+    device = _resolve_device(device)
+    t0 = time.perf_counter()
+    model, cfg, resolved = load_model(model_uri, device)
+    load_s = time.perf_counter() - t0
+    threshold = cfg.eval.score_threshold if threshold is None else float(threshold)
+    categories = categories_for(cfg, prompts)
+    names = {c["id"]: c["name"] for c in categories}
+    total = sum(len(s.frame_indices) for s in sources)
+    timings = {"load_model": load_s, "predict": 0.0, "write": 0.0}
+    all_results: list[dict] = []
+    images: list[dict] = []
+    table: list[dict] = []
+    bar = tqdm(total=total, unit="frame", desc="predict", disable=not progress)
+    with atomic_dir(out, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(prefix="angioexp-predict-") as scratch:
+        for source in sources:
+            folder = tmp / source.name
+            (folder / "labels").mkdir(parents=True)
+            (folder / "overlays").mkdir()
+            video: list[np.ndarray] = []
+            chunk = max(1, int(cfg.scratch.val_batch_size))
+            for start in range(0, len(source.frame_indices), chunk):
+                indices = source.frame_indices[start : start + chunk]
+                t0 = time.perf_counter()
+                grays = [to_uint8(np.asarray(source.frames[i])) for i in indices]
+                entries = [_image_entry(len(images) + k + 1, source, i, g.shape) for k, (i, g) in enumerate(zip(indices, grays))]
+                coco_dir = _as_coco(Path(scratch), entries, grays, categories, encode_png_gray8)
+                results = predict_split(model, coco_dir, "frames", device=device, cfg=cfg, categories=categories)
+                timings["predict"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                by_image: dict[int, list[dict]] = {}
+                for r in results:
+                    by_image.setdefault(r["image_id"], []).append(r)
+                for entry, gray in zip(entries, grays):
+                    stem = f"frame_{entry['frame_index']:04d}"
+                    rgb, rows = write_frame(folder, stem, gray, by_image.get(entry["id"], []), threshold, names,
+                                            source.pixel_spacing_mm)
+                    if source.is_cine:
+                        video.append(rgb)
+                    table += [{"source": source.name, "frame_index": entry["frame_index"], **row} for row in rows]
+                    entry["file_name"] = f"{source.name}/overlays/{stem}.png"
+                all_results += results
+                images += entries
+                timings["write"] += time.perf_counter() - t0
+                bar.update(len(indices))
+            if video:
+                t0 = time.perf_counter()
+                write_video(folder, video, source.fps)
+                timings["write"] += time.perf_counter() - t0
+        bar.close()
+        t0 = time.perf_counter()
+        write_json_atomic(tmp / "predictions.json", all_results, indent=None)
+        write_json_atomic(tmp / "images.json", images)
+        _write_table(tmp / "segments.csv", table)
+        summary = {
+            "model": {"uri": str(model_uri), "weights_from": resolved.short, "model_name": resolved.model_name,
+                      "version": resolved.version, "run_id": resolved.run_id, "stage": cfg.stage, "backend": cfg.backend},
+            "device": device, "score_threshold": threshold, "mask_threshold": cfg.eval.mask_threshold,
+            "categories": categories, "inputs": [str(p) for p in inputs], "sources": len(sources), "frames": total,
+            "overlap_rule": "a pixel claimed by several categories gets the highest-scoring one",
+            "arcade": ARCADE_NOTE if cfg.stage == 2 else None,
+        }
+        timings["write"] += time.perf_counter() - t0
+        summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        write_json_atomic(tmp / "predict.json", summary)
+    if cfg.stage == 2:
+        log.info(ARCADE_NOTE)
+    return summary
+
+
+def _image_entry(image_id: int, source, frame_index: int, shape: tuple[int, int]) -> dict:
+    return {"id": image_id, "file_name": f"images/{image_id}.png", "height": int(shape[0]), "width": int(shape[1]),
+            "source": str(source.path), "source_name": source.name, "frame_index": int(frame_index),
+            "pixel_spacing_mm": source.pixel_spacing_mm, "primary_angle": source.primary_angle,
+            "secondary_angle": source.secondary_angle}
+
+
+def _as_coco(scratch: Path, entries: list[dict], grays: list[np.ndarray], categories: list[dict], encode) -> Path:
+    """The frames as a one-split COCO folder (no annotations): what the evaluation's inference reads."""
+    split = scratch / "frames"
+    (split / "images").mkdir(parents=True, exist_ok=True)
+    for entry, gray in zip(entries, grays):
+        (split / entry["file_name"]).write_bytes(encode(gray))
+    payload = {"images": entries, "annotations": [], "categories": categories}
+    (split / "annotations.json").write_text(json.dumps(payload), encoding="utf-8")
+    return scratch
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    from angioexp.fileio import write_bytes_atomic
+
+    columns = ["source", "frame_index", "label", "segment", "score", "area_px", "area_mm2", "centreline_px", "centreline_mm"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))
