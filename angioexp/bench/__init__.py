@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-AREAS = ("data", "train", "evaluate", "quality", "tracking", "sweep", "sam3", "predict")
+AREAS = ("data", "train", "evaluate", "quality", "tracking", "sweep", "sam3", "predict", "stage2")
 
 
 @dataclass
