@@ -225,6 +225,7 @@ def test_user_settings_are_listed_as_differences(coco, tmp_path):
     ("sam3.max_dets_per_img=50", "trainer.meters.val.angio.segm.postprocessor.max_dets_per_img", 50),
     ("sam3.resize_min_size=224", "scratch.train_resize_sizes", [224, 256, 288, 320]),
     ("sam3.resize_min_size=null", "scratch.train_resize_sizes", [336]),
+    ("sam3.resize_min_size=480", "scratch.train_resize_sizes", [336]),  # SAM3's floor above 336 px: one size
     ("train.eval_every=1", "trainer.val_epoch_freq", 1),
 ])
 def test_keys_sam3_used_to_ignore_are_honoured(coco, tmp_path, override, path, expected):
@@ -282,7 +283,7 @@ def test_clean_validation_labels_are_used(coco, tmp_path):
     ("prompts.negatives_per_image=5", "prompts.negatives_per_image"),
     ("eval.mask_threshold=0.3", "eval.mask_threshold"),
     ("loss.semantic.resize=targets_area", "loss.semantic.resize"),
-    ("sam3.resize_min_size=400", "sam3.resize_min_size"),
+    ("sam3.resize_min_size=16", "sam3.resize_min_size"),
 ])
 def test_keys_sam3_cannot_honour_are_refused_when_set(coco, tmp_path, override, key):
     cfg = load_config(overrides=["backend=sam3", "scratch.resolution=336", override])

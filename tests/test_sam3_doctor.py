@@ -325,7 +325,7 @@ def test_doctor_data_names_every_problem(flawed_coco, capsys):
     findings = {f["code"]: f for f in report["findings"]}
     assert set(findings) == DATA_CODES and report["angioexp_config"] is None
     assert all(f["where"].startswith(str(flawed_coco / "train" / "annotations.json")) for f in findings.values())
-    assert "annotations 1" in findings["zero_size_boxes"]["where"] and "no epsilon" in findings["zero_size_boxes"]["what"]
+    assert "annotations 1" in findings["zero_size_boxes"]["where"] and "without an epsilon" in findings["zero_size_boxes"]["what"]
     assert "32, 32" in findings["rle_size_mismatch"]["where"]
     assert "lad_distal" in findings["unused_categories"]["where"]
     assert "images 50" in findings["images_without_annotations"]["where"]

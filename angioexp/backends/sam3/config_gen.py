@@ -174,9 +174,9 @@ def check_supported(cfg: Config) -> list[str]:
         raise ConfigError("no flips in Stage 2: segment names are side-specific (a mirrored tree is not an "
                           "anatomy)", key="scratch.hflip_prob")
     min_size = cfg.sam3.resize_min_size
-    if min_size is not None and not 32 <= min_size <= cfg.scratch.resolution:
-        raise ConfigError(f"must be between 32 and scratch.resolution ({cfg.scratch.resolution}), or null for a "
-                          "fixed resize", key="sam3.resize_min_size")
+    if min_size is not None and min_size < 32:
+        raise ConfigError("must be >= 32 (SAM3's sizes are multiples of 32), or null for a fixed resize",
+                          key="sam3.resize_min_size")
     notes = []
     if "train.checkpoint_every" in changed:
         notes.append("train.checkpoint_every: SAM3 writes checkpoint.pt at every epoch end (the last one kept)")
@@ -187,7 +187,8 @@ def check_supported(cfg: Config) -> list[str]:
 
 def train_resize_sizes(resolution: int, min_size: int | None) -> list[int]:
     """SAM3's multi-scale training sizes (``get_random_resize_scales(resolution, min_size,
-    rounded=False)``: multiples of 32 in [min_size, resolution]); [resolution] when none fit."""
+    rounded=False)``: multiples of 32 in [min_size, resolution]); [resolution] when none fit
+    (a resolution below min_size, e.g. 336 px with SAM3's 480)."""
     if min_size is None:
         return [resolution]
     from sam3.train.transforms.basic import get_random_resize_scales

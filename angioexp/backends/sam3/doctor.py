@@ -170,7 +170,8 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
         eq["scratch.enable_segmentation"] = bool(enable_seg)
     masks_losses = targets(data, "loss_fns.Masks")
     for path, node in targets(data, "collator.collate_fn_api"):
-        if masks_losses and not v.resolve(node.get("with_seg_masks", False)):
+        validation = path.endswith("_val") or ".val." in f".{path}."  # its batches train nothing
+        if masks_losses and not validation and not v.resolve(node.get("with_seg_masks", False)):
             findings.append(Finding(
                 "masks_not_collated", "error", f"{path}.with_seg_masks",
                 "the collate function drops the masks, so the Masks loss returns 0 (loss_mask, loss_dice "
