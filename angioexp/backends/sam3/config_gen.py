@@ -78,6 +78,8 @@ UNSUPPORTED = {
     "loss.masks.resize": "SAM3's Masks loss upsamples the predictions to the target size: only 'predictions'",
 }
 
+SAM3_RESIZE_MIN = 480  # min_size of the recipe's get_random_resize_scales (sam3.resize_min_size)
+
 # SAM3's own fine-tuning recipe (roboflow_v100_full_ft_100_images.yaml, with its commented
 # segmentation loss): path in the generated config → (SAM3's value, why angioexp differs on
 # purpose — None: it does not, so a difference comes from the angioexp config). render() lists
@@ -96,7 +98,7 @@ SAM3_RECIPE: dict[str, tuple[Any, str | None]] = {
     "scratch.scheduler_warmup": (20, None),
     "scratch.scheduler_timescale": (20, None),
     "scratch.scheduler_cooldown": (20, None),
-    "scratch.train_resize_sizes": ("multiples of 32 from 480 to scratch.resolution", None),
+    "scratch.train_resize_sizes": (None, None),  # SAM3's sizes for the generated resolution (below)
     "scratch.hflip_prob": (0.0, None),
     "scratch.max_dets_per_img": (-1, None),
     "scratch.matcher._target_": ("sam3.train.matcher.BinaryHungarianMatcherV2",
@@ -136,7 +138,7 @@ def recipe_differences(sam3_cfg: dict) -> list[str]:
         for part in path.split("."):
             node = node[int(part)] if isinstance(node, list) else (node or {}).get(part)
         if path == "scratch.train_resize_sizes":
-            sam3_value = train_resize_sizes(sam3_cfg["scratch"]["resolution"], 480)
+            sam3_value = train_resize_sizes(sam3_cfg["scratch"]["resolution"], SAM3_RESIZE_MIN)
         if node != sam3_value:
             out.append(f"{path}: {node!r} (SAM3: {sam3_value!r}) — {why or 'set in the angioexp config'}")
     return out
@@ -275,11 +277,11 @@ def build(
     """The SAM3 config as a plain dict (``OmegaConf.create``-ready) and the notes."""
     from angioexp.backends.sam3.weights import find_bpe_vocab
 
+    from angioexp.train.inference import ground_truth_path
+
     notes = check_supported(cfg)
     coco_dir = Path(coco_dir).resolve()
     out_dir = Path(out_dir).resolve()
-    from angioexp.train.inference import ground_truth_path
-
     train_images, train_ann, train_data = _split(coco_dir, cfg.data.train_split)
     val_images, val_ann, val_data = _split(
         coco_dir, cfg.data.val_split, ground_truth_path(coco_dir, cfg.data.val_split, cfg).name)  # data.use_clean_val_labels
