@@ -312,3 +312,64 @@ def test_image_paths_of_angioexp_convert_and_plain_coco(tmp_path):
     (coco / "val" / "annotations.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match="file_name"):
         config_gen.build(cfg, coco_dir=coco, out_dir=tmp_path / "c")
+
+
+# Keys the parent process reads (train_sam3, the CLI, tracking, angioexp's own evaluation of
+# SAM3's predictions), so they do not show in the generated config; and the approximated one.
+READ_BY_THE_PARENT = ("data.", "tracking.", "eval.tolerance_px", "eval.score_threshold", "eval.overlays",
+                      "train.out_dir", "train.device", "train.threads", "init_from", "sam3.checkpoint",
+                      "sam3.bpe_path", "stage", "backend")
+APPROXIMATED = ("train.checkpoint_every",)
+OTHER_VALUE = {  # where "the next value" is not valid or changes nothing
+    "scratch.resolution": 672, "sam3.resize_min_size": 224, "optim.amp.amp_dtype": "float16",
+    "loss.semantic.resize": "targets_sam3", "loss.masks.resize": "targets_sam3",
+    "prompts.point_sample_mode": "random", "prompts.num_points": [2, 3], "optim.betas": [0.8, 0.99],
+    "model.encoder_channels": [8, 8, 16, 16], "scratch.crop_size": 256, "train.ema_decay": 0.9,
+    "train.budget_minutes": 5, "prompts.box_noise_max": 5.0, "loss.iabce.pad_n_queries": 100,
+    "sam3.max_epochs": 3, "sam3.steps_per_epoch": 1,
+    "sam3.val_epoch_freq": 2, "sam3.checkpoint_prefix": "model.sam.", "loss.semantic.presence_loss": True,
+    "prompts.box_chance": 0.5, "eval.mask_threshold": 0.25, "scratch.hflip_prob": 0.5, "data.max_val_images": 1,
+}
+
+
+def _other_value(key, value):
+    if key in OTHER_VALUE:
+        return OTHER_VALUE[key]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 if value else 0.5
+    if isinstance(value, str):
+        return value + "_other"
+    raise AssertionError(f"no other value for {key}={value!r}: add it to OTHER_VALUE")
+
+
+def test_every_key_is_honoured_or_refused(tmp_path):
+    """Each angioexp key, set to another valid value with the sam3 backend, either changes the
+    generated SAM3 config or is refused naming the key — none is silently ignored."""
+    from angioexp.config import all_keys, flatten
+
+    coco = make_tiny_coco(tmp_path / "coco", n_train=2, n_val=1, size=64)
+    (coco / "val" / "annotations_gt.json").write_text((coco / "val" / "annotations.json").read_text())
+    # prompts and point-sampled mask losses on, so that prompts.* and loss.masks.*_ratio are in effect
+    base = ["backend=sam3", "scratch.resolution=336", "prompts.num_points=[1,2]", "loss.masks.num_sample_points=500"]
+    reference_cfg = load_config(overrides=base)
+    reference, _ = config_gen.build(reference_cfg, coco_dir=coco, out_dir=tmp_path / "run", device="cuda")
+    defaults = flatten(reference_cfg)
+    ignored = []
+    for key in all_keys():
+        if key.startswith(READ_BY_THE_PARENT) and key not in ("data.max_val_images", "data.use_clean_val_labels"):
+            continue
+        cfg = load_config(overrides=base + [f"{key}={json.dumps(_other_value(key, defaults[key]))}"])
+        try:
+            generated, notes = config_gen.build(cfg, coco_dir=coco, out_dir=tmp_path / "run", device="cuda")
+        except ConfigError as exc:
+            assert exc.key == key, (key, str(exc))
+            continue
+        if key in APPROXIMATED:
+            assert any(note.startswith(key) for note in notes), key
+        elif generated == reference:
+            ignored.append(key)
+    assert ignored == [], f"set with the sam3 backend, these keys change nothing: {ignored}"
