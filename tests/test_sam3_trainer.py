@@ -343,3 +343,20 @@ def test_snapshot_memory_is_bounded_before_the_first_step(tmp_path, monkeypatch)
     assert info.value.key == "nan_guard.snapshot_every" and "4 process(es)" in str(info.value)
     t.guard.cfg.snapshot_every = 0  # no snapshots: nothing to bound
     t._check_memory_for_snapshots()
+
+
+def test_a_restored_snapshot_stays_what_it_was(tmp_path):
+    """After a restore on CPU the optimizer must not share the snapshot's buffers, or its next
+    steps would rewrite the snapshot that a second restore goes back to."""
+    t = make_trainer(tmp_path, nan_steps={2, 3}, snapshot_every=2)
+    t.optim = Optimizer(torch.optim.AdamW(t.model.parameters(), lr=BASE_LR), schedulers=[{"lr": lambda where: BASE_LR}])
+    t._install_guard()
+    sam3_step(t)
+    sam3_step(t)  # AdamW state exists: this snapshot holds it
+    saved = {k: v.clone() for k, v in t.guard._snapshot["optimizer"]["state"][0].items()}
+    sam3_step(t)
+    sam3_step(t)  # second NaN in a row: restore
+    assert t.guard.restores == 1
+    sam3_step(t)  # a good step updates AdamW's moments
+    for key, value in t.guard._snapshot["optimizer"]["state"][0].items():
+        assert torch.equal(value, saved[key]), key

@@ -80,6 +80,17 @@ class Sam3NanGuard(NanGuard):
         super().snapshot(step)
         self.snapshot_bytes = _nbytes(self._snapshot)
 
+    def restore(self) -> None:
+        super().restore()
+        # Optimizer.load_state_dict keeps tensors that need no device/dtype change (CPU runs):
+        # the optimizer would then update the snapshot's buffers in place. Give it its own.
+        saved = {t.data_ptr() for state in self._snapshot["optimizer"]["state"].values()
+                 for t in state.values() if isinstance(t, torch.Tensor)}
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.data_ptr() in saved:
+                    state[key] = value.clone()
+
 
 class GuardedTrainer(Trainer):
     """``sam3.train.trainer.Trainer`` + NaN guard + DESIGN §6 step metrics.
