@@ -284,6 +284,8 @@ def test_clean_validation_labels_are_used(coco, tmp_path):
     ("eval.mask_threshold=0.3", "eval.mask_threshold"),
     ("loss.semantic.resize=targets_area", "loss.semantic.resize"),
     ("sam3.resize_min_size=16", "sam3.resize_min_size"),
+    ("sam3.max_dets_per_img=0", "sam3.max_dets_per_img"),
+    ("sam3.val_epoch_freq=0", "sam3.val_epoch_freq"),
 ])
 def test_keys_sam3_cannot_honour_are_refused_when_set(coco, tmp_path, override, key):
     cfg = load_config(overrides=["backend=sam3", "scratch.resolution=336", override])
