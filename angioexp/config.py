@@ -322,13 +322,21 @@ class Sam3Config:
     """Settings only the sam3 backend reads."""
 
     checkpoint: str | None = None  # vanilla sam3.pt, a trainer checkpoint or models:/… URI
+    # key prefix of SAM3's tree in a foreign state dict (SAM3 inside another model, e.g. "model.sam.");
+    # None: found by matching key suffixes and shapes
+    checkpoint_prefix: str | None = None
     bpe_path: str | None = None  # None: look in installed packages
     # SAM3's trainer is epoch based: None → ceil(train.max_steps / steps per epoch) epochs.
     max_epochs: int | None = None
     # None: the whole train split per epoch (capped by train.max_steps); else a fixed subset.
     steps_per_epoch: int | None = None
-    val_epoch_freq: int = 1
+    # None: evaluate every ceil(train.eval_every / steps per epoch) epochs (SAM3 validates at epoch ends)
+    val_epoch_freq: int | None = None
     num_gpus: int = 1
+    # SAM3's multi-scale training resize: a random size from multiples of 32 between this and
+    # scratch.resolution, then padded to scratch.resolution (None: always scratch.resolution)
+    resize_min_size: int | None = 480
+    max_dets_per_img: int = -1  # detections kept per image for validation (SAM3: -1 = all)
     # SAM3 recomputes activations in the backward pass (its default: memory for compute);
     # False keeps them (faster, more memory; the fallback if a recompute fails).
     activation_checkpointing: bool = True
@@ -628,6 +636,12 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
         "scratch.scheduler_cooldown": 20,
         "o2m.enabled": True,  # SAM3 always decodes one-to-many (DAC) queries; o2m_weight 2
         "train.ema_decay": None,  # SAM3's trainer keeps no weight average
+        "scratch.num_train_workers": 10,  # RLE decoding + point sampling at 1008 px off the main process
+        "scratch.hflip_prob": 0.0,  # SAM3's recipe does not flip
+        "train.deterministic": False,  # SAM3: cudnn.benchmark on, cudnn.deterministic off
+        "loss.masks.resize": "predictions",  # SAM3's Masks and SemanticSegCriterion upsample the logits
+        "loss.semantic.resize": "predictions",
+        "loss.view.loss_view": 0.0,  # SAM3 has no view head
     },
 }
 

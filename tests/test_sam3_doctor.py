@@ -148,6 +148,7 @@ trainer:
 EXPECTED = {
     "points_dropped", "geometric_query_never_matches", "centered_points_cluster", "matcher_not_used",
     "checkpoint_loads_silently", "nan_kills_run", "mask_loss_weights_low", "semantic_presence_loss",
+    "matcher_nan_crash",
 }
 
 
@@ -196,7 +197,7 @@ def test_cli(researcher, tmp_path, capsys):
     assert load_config(out).prompts.num_points == (5, 15)
     assert main(["doctor", str(researcher)]) == 1
     text = capsys.readouterr().out
-    assert "8 pitfall(s) found" in text and "Point prompts are ignored in PCS" in text
+    assert "9 pitfall(s) found" in text and "Point prompts are ignored in PCS" in text
 
 
 @pytest.mark.parametrize("edit, code", [
@@ -225,3 +226,127 @@ def test_clean_config_and_bad_input(tmp_path, capsys):
     bad.write_text("- just\n- a list\n")
     assert main(["doctor", str(bad)]) == 2
     assert main(["doctor", str(tmp_path / "missing.yaml")]) == 2
+
+
+# --- what SAM3 users hit (facebookresearch/sam3 issues) ---------------------------------------------
+
+TRAIN_DATA = {
+    "train": {"_target_": "sam3.train.data.torch_dataset.TorchDataset",
+              "dataset": {"_target_": "sam3.train.data.sam3_image_dataset.Sam3ImageDataset", "limit_ids": 100},
+              "batch_size": "${scratch.train_batch_size}", "drop_last": True, "collate_fn": "${scratch.collate_fn}"},
+    "val": {"_target_": "sam3.train.data.torch_dataset.TorchDataset",
+            "collate_fn": {"_target_": "sam3.train.data.collator.collate_fn_api", "dict_key": "angio"}},
+}
+DUMPER = {"_target_": "sam3.eval.coco_writer.PredictionDumper", "iou_type": "segm",
+          "postprocessor": {"_target_": "sam3.eval.postprocessors.PostProcessImage", "iou_type": "segm",
+                            "use_original_sizes_mask": True}}
+
+
+def _with_data(d):
+    d["trainer"]["data"] = json.loads(json.dumps(TRAIN_DATA))
+    d["trainer"]["meters"] = {"val": {"angio": {"segm": dict(DUMPER, postprocessor=dict(DUMPER["postprocessor"]))}}}
+    return d
+
+
+def _edit(path, value):
+    def apply(d):
+        node = _with_data(d)
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node[part]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    return apply
+
+
+NEW_CHECKS = [
+    ("scratch.collate_fn.dict_key", "angio_train", "train_on_dummy_loss", "#367"),
+    ("trainer.data.val.collate_fn.dict_key", "all", "val_key_names_a_loss", "#448"),
+    ("trainer.meters.val.angio.segm.postprocessor.iou_type", "bbox", "segm_eval_without_masks", "#485"),
+    ("scratch.enable_segmentation", False, "segm_eval_without_masks", "#330"),
+    ("trainer.data.train.dataset.limit_ids", 1, "empty_train_loader", "#251"),
+    ("scratch.train_batch_size", 2, "oom_at_1008", "#343"),
+    ("trainer.model.checkpoint_path", None, "downloads_weights", "Hugging Face"),
+]
+
+
+def test_wired_data_config_has_no_new_finding():
+    findings, _ = diagnose(_with_data(yaml.safe_load(RESEARCHER_YAML)))
+    assert {f.code for f in findings} == EXPECTED
+
+
+@pytest.mark.parametrize("path, value, code, cited", NEW_CHECKS)
+def test_pitfalls_sam3_users_hit(path, value, code, cited):
+    data = yaml.safe_load(RESEARCHER_YAML)
+    _edit(path, value)(data)
+    if path == "trainer.data.train.dataset.limit_ids":
+        data["launcher"] = {"gpus_per_node": 2, "num_nodes": 1}
+    findings = {f.code: f for f in diagnose(data)[0]}
+    assert code in findings and cited in findings[code].what
+    assert findings[code].fix and findings[code].angioexp
+
+
+def test_no_checkpoint_and_no_download_means_random_weights():
+    data = yaml.safe_load(RESEARCHER_YAML)
+    data["trainer"]["model"].pop("checkpoint_path")
+    data["trainer"]["model"]["load_from_HF"] = False
+    finding = next(f for f in diagnose(data)[0] if f.code == "random_weights")
+    assert finding.severity == "error" and "every weight is random" in finding.what
+    assert "sam3.checkpoint" in finding.angioexp
+
+
+@pytest.fixture()
+def flawed_coco(tmp_path):
+    """A COCO folder with one of each data problem SAM3 trips on."""
+    from angioexp.backends.sam3.gpu_check import make_tiny_coco
+
+    coco = make_tiny_coco(tmp_path / "coco", n_train=3, n_val=1, size=64)
+    ann = coco / "train" / "annotations.json"
+    data = json.loads(ann.read_text())
+    first, second = data["annotations"][0], data["annotations"][1]
+    first["bbox"][2] = 0.0  # a straight vertical vessel: zero width
+    second["segmentation"]["size"] = [32, 32]  # RLE of another size than its 64×64 image
+    data["annotations"].append(dict(first, id=99, bbox=[1.0, 1.0, 3.0, 3.0]))  # a second piece: 2 targets
+    data["images"].append(dict(data["images"][0], id=50, file_name="extra.png"))  # no annotation
+    data["categories"].append({"id": 7, "name": "lad_distal", "supercategory": "vessel"})  # never used
+    ann.write_text(json.dumps(data))
+    return coco
+
+
+DATA_CODES = {"zero_size_boxes", "rle_size_mismatch", "several_targets_per_query",
+              "images_without_annotations", "unused_categories"}
+
+
+def test_doctor_data_names_every_problem(flawed_coco, capsys):
+    assert main(["doctor", "--data", str(flawed_coco), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    findings = {f["code"]: f for f in report["findings"]}
+    assert set(findings) == DATA_CODES and report["angioexp_config"] is None
+    assert all(f["where"].startswith(str(flawed_coco / "train" / "annotations.json")) for f in findings.values())
+    assert "annotations 1" in findings["zero_size_boxes"]["where"] and "without an epsilon" in findings["zero_size_boxes"]["what"]
+    assert "32, 32" in findings["rle_size_mismatch"]["where"]
+    assert "lad_distal" in findings["unused_categories"]["where"]
+    assert "images 50" in findings["images_without_annotations"]["where"]
+    assert "single target" in findings["several_targets_per_query"]["what"]
+
+
+def test_doctor_config_and_data_together(researcher, flawed_coco, capsys):
+    assert main(["doctor", str(researcher), "--data", str(flawed_coco)]) == 1
+    text = capsys.readouterr().out
+    assert f"{len(EXPECTED) + len(DATA_CODES)} pitfall(s) found" in text
+    for code in EXPECTED | DATA_CODES:
+        assert f" {code} — " in text
+
+
+def test_doctor_data_clean_and_bad_input(tmp_path, capsys):
+    from angioexp.backends.sam3.gpu_check import make_tiny_coco
+
+    clean = make_tiny_coco(tmp_path / "clean", n_train=2, n_val=1, size=64)
+    assert main(["doctor", "--data", str(clean)]) == 0
+    assert "no known pitfall" in capsys.readouterr().out
+    assert main(["doctor", "--data", str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["doctor", "--data", str(tmp_path / "empty")]) == 2
+    assert main(["doctor"]) == 2

@@ -88,7 +88,7 @@ def test_real_training_step_to_verified_checkpoint(tmp_path, sam3_run_dir, mlflo
         "scratch.val_batch_size=1", "data.max_val_images=1", "train.log_every=1", "train.device=cpu",
         "scratch.scheduler_warmup=0", "scratch.scheduler_cooldown=0",  # a non-zero LR at step 1
         "nan_guard.snapshot_every=0",  # no 10 GB in-memory snapshot on a 24 GB machine
-        "prompts.num_points=[2,4]", "eval.overlays=1",
+        "prompts.num_points=[2,4]", "eval.overlays=1", "scratch.num_train_workers=0",
     ])
     cfg.data.coco_dir = str(coco_stage1)  # angioexp's synthetic angiograms (synth → convert)
     client = MlflowClient()

@@ -132,3 +132,49 @@ def test_errors_wrapped_by_hydra_are_unwrapped():
     except RuntimeError as outer:
         payload, code = describe_exception(outer)
     assert code == 2 and payload["error_type"] == "CheckpointLoadError" and payload["message"] == "refusing to start"
+
+
+# --- several GPU processes: a rank's error keeps its type and its report -------------------------------
+
+
+def fail_on_a_rank(kind: str) -> None:
+    """A rank body for spawn_ranks: rank 1 fails with ``kind``; rank 0 with what a peer's
+    failure looks like from the other side."""
+    from angioexp.checkpoints import LoadReport
+
+    if int(os.environ["RANK"]) == 0:
+        time.sleep(0.5)
+        raise RuntimeError("Connection closed by peer")
+    if kind == "diverged":
+        raise TrainingDiverged("diverged", step=12, lr=0.001, events=9, history=[{"step": 12}])
+    report = LoadReport(source="stage1.pth", model_tensors=10, loaded=["a"], unexpected=["seg_head.weight"])
+    raise CheckpointLoadError("refusing to start from stage1.pth", report)
+
+
+def diverge_now(rank: int) -> None:
+    raise TrainingDiverged("diverged", step=12, lr=0.001, events=9)
+
+
+def test_torch_multiprocessing_loses_the_error_type():
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessRaisedException) as info:
+        mp.start_processes(diverge_now, args=(), nprocs=1, start_method="spawn")
+    assert not isinstance(info.value, TrainingDiverged) and "TrainingDiverged" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["diverged", "checkpoint"])
+def test_rank_errors_reach_the_status(tmp_path, kind):
+    import torch.multiprocessing as mp
+
+    from angioexp.backends.sam3.launch import _rank_failure, spawn_ranks
+
+    status = tmp_path / "status.json"
+    with pytest.raises(mp.ProcessRaisedException):
+        spawn_ranks(2, status, fail_on_a_rank, kind)
+    payload, code = _rank_failure(status, 2)
+    if kind == "diverged":
+        assert code == 3 and payload["status"] == "diverged" and payload["step"] == 12 and payload["rank"] == 1
+    else:
+        assert code == 2 and payload["error_type"] == "CheckpointLoadError"
+        assert payload["report"]["unexpected"] == ["seg_head.weight"]  # the load report survives

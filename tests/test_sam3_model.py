@@ -151,6 +151,26 @@ def test_configured_matcher_drives_one_to_one_matching():
     assert called.called and "indices" in out
 
 
+def test_nan_predictions_in_the_models_matching_are_a_named_error():
+    """SAM3's own _compute_matching (inside model.forward) with NaN logits or boxes: the model's
+    matcher raises NonFiniteMatchCost, which GuardedTrainer counts as a bad step, not scipy's
+    ValueError, which would end the run."""
+    from sam3.model.box_ops import box_cxcywh_to_xyxy
+
+    from angioexp.backends.sam3.matcher import NonFiniteMatchCost
+
+    model = assemble_model(_stub_components(), matcher=CONFIGURED)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    targets = {"boxes": boxes, "boxes_xyxy": box_cxcywh_to_xyxy(boxes), "num_boxes": torch.tensor([1]),
+               "boxes_padded": boxes[None], "is_exhaustive": torch.tensor([True])}
+    for poison in ("pred_logits", "pred_boxes"):
+        out = {"pred_logits": torch.randn(1, 4, 1), "pred_boxes": torch.rand(1, 4, 4) * 0.5 + 0.25}
+        out[poison][0, 2] = math.nan
+        out["pred_boxes_xyxy"] = box_cxcywh_to_xyxy(out["pred_boxes"])
+        with pytest.raises(NonFiniteMatchCost, match=poison):
+            model._compute_matching(out, targets)
+
+
 # --- resolution -----------------------------------------------------------------------------------
 
 

@@ -142,3 +142,103 @@ def test_mlflow_uri(trainer_checkpoint, tmp_path):
             resolve_checkpoint("models:/no-such-model/1")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+# --- a foreign state dict: SAM3 inside the researcher's own wrapper ------------------------------------
+
+
+def _sam3_parts_model(seed: int):
+    """SAM3's real image-model wiring with its real geometry encoder, segmentation head and scoring
+    (SAM3's key names and shapes); backbone and transformer stubbed to stay small."""
+    from sam3 import model_builder as mb
+
+    from angioexp.backends.sam3.cpu import cpu_shims
+    from angioexp.backends.sam3.model import assemble_model
+
+    torch.manual_seed(seed)
+    transformer = torch.nn.Module()
+    transformer.d_model = 256
+    transformer.decoder = torch.nn.Linear(256, 256)
+    transformer.decoder.num_queries, transformer.decoder.num_o2m_queries, transformer.decoder.dac = 4, 4, True
+    with cpu_shims():
+        parts = {"backbone": torch.nn.Linear(8, 8), "transformer": transformer,
+                 "input_geometry_encoder": mb._create_geometry_encoder(),
+                 "segmentation_head": mb._create_segmentation_head(),
+                 "dot_prod_scoring": mb._create_dot_product_scoring()}
+    return assemble_model(parts, matcher=None)
+
+
+class ResearcherWrapper(torch.nn.Module):
+    """A custom Stage 1 model: SAM3 under its own prefix, a conv segmentation head and a
+    categorical view encoder of its own."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.sam = _sam3_parts_model(seed)
+        self.seg_head = torch.nn.Sequential(torch.nn.Conv2d(256, 64, 3), torch.nn.Conv2d(64, 1, 1))
+        self.view_encoder = torch.nn.Embedding(12, 256)
+
+
+@pytest.fixture(scope="module")
+def researcher_pth(tmp_path_factory):
+    wrapper = ResearcherWrapper(seed=11)
+    path = tmp_path_factory.mktemp("stage1") / "stage1_dice080.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in wrapper.state_dict().items()}}, path)  # saved under DDP too
+    return path, wrapper
+
+
+def test_foreign_state_dict_loads_by_suffix_and_shape(researcher_pth):
+    path, wrapper = researcher_pth
+    model = _sam3_parts_model(seed=12)
+    report = load_sam3_weights(model, str(path), min_loaded_fraction=0.99)
+    assert report.loaded_fraction == 1.0 and "prefix 'module.sam.'" in report.source
+    assert _params_equal(model, wrapper.sam)
+    foreign = {"module.seg_head.0.weight", "module.seg_head.0.bias", "module.seg_head.1.weight",
+               "module.seg_head.1.bias", "module.view_encoder.weight"}
+    assert set(report.unexpected) == foreign  # the wrapper's own tensors, listed as left out
+
+
+def test_explicit_checkpoint_prefix(researcher_pth):
+    path, wrapper = researcher_pth
+    model = _sam3_parts_model(seed=13)
+    report = load_sam3_weights(model, str(path), prefix="module.sam.")
+    assert report.loaded_fraction == 1.0 and _params_equal(model, wrapper.sam)
+    with pytest.raises(CheckpointLoadError, match="checkpoint_prefix 'sam3.'"):
+        load_sam3_weights(model, str(path), prefix="sam3.")
+    # a prefix that names the wrong sub-tree loads too little and is refused, model untouched
+    fresh, before = _sam3_parts_model(seed=14), _sam3_parts_model(seed=14)
+    with pytest.raises(CheckpointLoadError, match="min_loaded_fraction"):
+        load_sam3_weights(fresh, str(path), prefix="module.sam.segmentation_head.")
+    assert _params_equal(fresh, before)
+
+
+def test_foreign_checkpoint_with_too_little_of_sam3_is_refused(tmp_path):
+    """Only the wrapper's mask head and SAM3's geometry encoder saved: below min_loaded_fraction."""
+    wrapper = ResearcherWrapper(seed=15)
+    state = {k: v for k, v in wrapper.state_dict().items()
+             if k.startswith(("seg_head.", "view_encoder.", "sam.geometry_encoder."))}
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    model = _sam3_parts_model(seed=16)
+    with pytest.raises(CheckpointLoadError, match="min_loaded_fraction") as info:
+        load_sam3_weights(model, str(path), min_loaded_fraction=0.9)
+    report = info.value.report
+    assert report.loaded and all(n.startswith("geometry_encoder.") for n in report.loaded)
+    assert "view_encoder.weight" in report.unexpected and report.missing
+
+
+def test_checkpoints_are_memory_mapped(trainer_checkpoint, monkeypatch):
+    """Several GPU processes each load the init checkpoint: mmap, not a full copy each."""
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    path, trained = trainer_checkpoint
+    model = TinyDetector(seed=2)
+    load_sam3_weights(model, str(path))
+    assert calls and calls[0].get("mmap") is True and calls[0].get("weights_only") is True
+    assert _params_equal(model, trained)

@@ -63,18 +63,105 @@ CHANGES = [
 ]
 
 
-def _default(cls, name):
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+# Keys the sam3 backend cannot honour. Left at the sam3 backend's default they are inert; set
+# to anything else (in a YAML file or with --set) they are refused with the reason.
+UNSUPPORTED = {
+    "model.": "the core model's architecture (SAM3's is fixed)",
+    "loss.view.": "SAM3 has no view head",
+    "train.ema_decay": "SAM3's trainer keeps no weight average",
+    "train.budget_minutes": "SAM3's trainer is epoch based and cannot stop on a wall-clock budget; use train.max_steps",
+    "scratch.crop_size": "random crops are a core-backend augmentation; the sam3 backend resizes whole images "
+                         "to scratch.resolution (multi-scale from sam3.resize_min_size)",
+    "prompts.negatives_per_image": "SAM3 queries every category of every image (COCO_FROM_JSON include_negatives)",
+    "prompts.positives_per_image": "SAM3 queries every category of every image (COCO_FROM_JSON include_negatives)",
+    "eval.mask_threshold": "SAM3's postprocessor binarises the masks (at 0.5) before angioexp scores them",
+    "loss.masks.resize": "SAM3's Masks loss upsamples the predictions to the target size: only 'predictions'",
+}
+
+SAM3_RESIZE_MIN = 480  # min_size of the recipe's get_random_resize_scales (sam3.resize_min_size)
+
+# SAM3's own fine-tuning recipe (roboflow_v100_full_ft_100_images.yaml, with its commented
+# segmentation loss): path in the generated config → (SAM3's value, why angioexp differs on
+# purpose — None: it does not, so a difference comes from the angioexp config). render() lists
+# every difference in the generated config's header.
+SAM3_RECIPE: dict[str, tuple[Any, str | None]] = {
+    "scratch.resolution": (1008, None),
+    "scratch.enable_segmentation": (False, "angioexp segments vessels (Masks + SemanticSegCriterion losses on)"),
+    "scratch.max_ann_per_img": (200, None),
+    "scratch.num_train_workers": (10, None),
+    "scratch.num_val_workers": (0, None),
+    "scratch.train_batch_size": (1, None),
+    "scratch.val_batch_size": (1, None),
+    "scratch.lr_scale": (0.1, None),
+    "scratch.lrd_vision_backbone": (0.9, None),
+    "scratch.wd": (0.1, None),
+    "scratch.scheduler_warmup": (20, None),
+    "scratch.scheduler_timescale": (20, None),
+    "scratch.scheduler_cooldown": (20, None),
+    "scratch.train_resize_sizes": (None, None),  # SAM3's sizes for the generated resolution (below)
+    "scratch.hflip_prob": (0.0, None),
+    "scratch.max_dets_per_img": (-1, None),
+    "scratch.matcher._target_": ("sam3.train.matcher.BinaryHungarianMatcherV2",
+                                 "a non-finite matching cost is a NaN-guard step, not a scipy crash"),
+    "scratch.matcher.cost_class": (2.0, None),
+    "scratch.matcher.cost_bbox": (5.0, None),
+    "scratch.matcher.cost_giou": (2.0, None),
+    "trainer._target_": ("sam3.train.trainer.Trainer", "NaN guard instead of FloatingPointError"),
+    "trainer.model._target_": ("sam3.model_builder.build_sam3_image_model",
+                               "points reach the model, matcher.* is used, verified weight loading"),
+    "trainer.max_epochs": (20, "from train.max_steps (SAM3 is epoch based)"),
+    "trainer.val_epoch_freq": (10, "every train.eval_every steps, rounded up to whole epochs"),
+    "trainer.seed_value": (123, "angioexp's seed"),
+    "trainer.skip_saving_ckpts": (True, "the run's weights become a registered model"),
+    "trainer.cuda.cudnn_deterministic": (False, None),
+    "trainer.cuda.cudnn_benchmark": (True, None),
+    "trainer.optim.amp.enabled": (True, "AMP is CUDA-only"),
+    "trainer.optim.amp.amp_dtype": ("bfloat16", None),
+    "trainer.optim.gradient_clip.max_norm": (0.1, None),
+    "trainer.data.train.pin_memory": (True, "pinned memory is CUDA-only"),
+    "trainer.data.val.dataset.coco_json_loader.category_chunk_size": (2, "a Stage 2 frame has up to 26 categories"),
+    "trainer.loss.all.o2m_weight": (2.0, None),
+    "trainer.loss.all.loss_fns_find.0.weight_dict.loss_bbox": (5.0, None),
+    "trainer.loss.all.loss_fns_find.0.weight_dict.loss_giou": (2.0, None),
+    "trainer.loss.all.loss_fns_find.1.weight_dict.loss_ce": (20.0, None),
+    "trainer.loss.all.loss_fns_find.1.weight_dict.presence_loss": (20.0, None),
+    "trainer.loss.all.loss_fns_find.1.pos_weight": (10.0, None),
+    "trainer.loss.all.loss_fn_semantic_seg.presence_head": (True, None),
+}
+
+
+def recipe_differences(sam3_cfg: dict) -> list[str]:
+    """Every value of the generated config that is not SAM3's recipe, with the reason."""
+    out = []
+    for path, (sam3_value, why) in SAM3_RECIPE.items():
+        node: Any = sam3_cfg
+        for part in path.split("."):
+            node = node[int(part)] if isinstance(node, list) else (node or {}).get(part)
+        if path == "scratch.train_resize_sizes":
+            sam3_value = train_resize_sizes(sam3_cfg["scratch"]["resolution"], SAM3_RESIZE_MIN)
+        if node != sam3_value:
+            out.append(f"{path}: {node!r} (SAM3: {sam3_value!r}) — {why or 'set in the angioexp config'}")
+    return out
+
+
+def _explicit_changes(cfg: Config) -> dict[str, Any]:
+    """Keys whose value differs from the sam3 backend's default for this stage: the user set them."""
+    from angioexp.config import flatten, load_config
+
+    reference = flatten(load_config(backend="sam3", stage=cfg.stage))
+    return {k: v for k, v in flatten(cfg).items() if reference.get(k, v) != v}
 
 
 def check_supported(cfg: Config) -> list[str]:
-    """Reject what SAM3's trainer cannot do; return notes on core-only settings it ignores."""
-    from angioexp.config import MasksLossConfig, TrainConfig
-
+    """Refuse what SAM3's trainer cannot do; return the approximations it makes (header notes)."""
     from angioexp.backends.sam3.model import check_resolution
 
     check_resolution(cfg.scratch.resolution)
+    changed = _explicit_changes(cfg)
+    for key in sorted(changed):
+        reason = next((why for prefix, why in UNSUPPORTED.items() if key == prefix or (prefix.endswith(".") and key.startswith(prefix))), None)
+        if reason is not None:
+            raise ConfigError(f"not supported by the sam3 backend: {reason} (leave it unset)", key=key)
     if cfg.loss.semantic.presence_loss:
         raise ConfigError(
             "SAM3's segmentation head is built without a presence head (presence_logit is None), so "
@@ -82,47 +169,53 @@ def check_supported(cfg: Config) -> list[str]:
             "loss.iabce.presence_loss — set loss.semantic.presence_loss=false",
             key="loss.semantic.presence_loss",
         )
-    if cfg.train.budget_minutes is not None:
-        raise ConfigError(
-            "SAM3's trainer is epoch based and cannot stop on a wall-clock budget; use train.max_steps",
-            key="train.budget_minutes",
-        )
-    if cfg.scratch.crop_size is not None:
-        raise ConfigError("random crops are a core-backend augmentation; the sam3 backend resizes "
-                          "whole images to scratch.resolution", key="scratch.crop_size")
+    if cfg.loss.semantic.resize == "targets_area":
+        raise ConfigError("SAM3's SemanticSegCriterion has no area resampling: 'predictions' (upsampled logits) "
+                          "or 'targets_sam3' (downsample: true)", key="loss.semantic.resize")
+    if cfg.scratch.hflip_prob and cfg.stage == 2:
+        raise ConfigError("no flips in Stage 2: segment names are side-specific (a mirrored tree is not an "
+                          "anatomy)", key="scratch.hflip_prob")
+    min_size = cfg.sam3.resize_min_size
+    if min_size is not None and min_size < 32:
+        raise ConfigError("must be >= 32 (SAM3's sizes are multiples of 32), or null for a fixed resize",
+                          key="sam3.resize_min_size")
+    if cfg.sam3.max_dets_per_img == 0 or cfg.sam3.max_dets_per_img < -1:
+        raise ConfigError("must be -1 (all detections, SAM3's default) or >= 1", key="sam3.max_dets_per_img")
+    if cfg.sam3.val_epoch_freq is not None and cfg.sam3.val_epoch_freq < 1:
+        raise ConfigError("must be >= 1 (or null: from train.eval_every)", key="sam3.val_epoch_freq")
     notes = []
-    if cfg.loss.masks.resize != "predictions":
-        if cfg.loss.masks.resize != _default(MasksLossConfig, "resize"):
-            raise ConfigError("SAM3's Masks loss upsamples the predictions to the target size: only "
-                              "'predictions' is possible with the sam3 backend", key="loss.masks.resize")
-        notes.append("loss.masks.resize: SAM3's Masks loss upsamples predictions ('predictions')")
-    if cfg.loss.semantic.resize == "targets_area":  # angioexp's default; SAM3 has no area resampling
-        notes.append("loss.semantic.resize: 'targets_area' is core-only; SAM3's SemanticSegCriterion "
-                     "upsamples the predictions ('predictions'; 'targets_sam3' = downsample: true)")
-    if cfg.loss.view.loss_view:
-        notes.append("loss.view.*: SAM3 has no view head (core backend only)")
-    if cfg.train.ema_decay:
-        notes.append("train.ema_decay: SAM3's trainer keeps no weight average (core backend only)")
-    if cfg.prompts.negatives_per_image != 2 and cfg.stage == 2:
-        notes.append("prompts.negatives_per_image: SAM3 queries every category of every image "
-                     "(COCO_FROM_JSON include_negatives)")
-    if cfg.train.eval_every != _default(TrainConfig, "eval_every") or cfg.train.checkpoint_every != _default(TrainConfig, "checkpoint_every"):
-        notes.append("train.eval_every / train.checkpoint_every: SAM3 evaluates every "
-                     "sam3.val_epoch_freq epochs and at the end, and checkpoints every epoch")
-    notes.append("model.*: the core model's size (SAM3's architecture is fixed)")
+    if "train.checkpoint_every" in changed:
+        notes.append("train.checkpoint_every: SAM3 writes checkpoint.pt at every epoch end (the last one kept)")
+    if "train.eval_every" in changed and cfg.sam3.val_epoch_freq is not None:
+        notes.append("train.eval_every: sam3.val_epoch_freq is set and decides when SAM3 evaluates")
     return notes
 
 
-def schedule(cfg: Config, num_train_images: int) -> tuple[int, int, int | None]:
-    """(max_epochs, steps per epoch, limit_ids for the train set) for ``train.max_steps``."""
+def train_resize_sizes(resolution: int, min_size: int | None) -> list[int]:
+    """SAM3's multi-scale training sizes (``get_random_resize_scales(resolution, min_size,
+    rounded=False)``: multiples of 32 in [min_size, resolution]); [resolution] when none fit
+    (a resolution below min_size, e.g. 336 px with SAM3's 480)."""
+    if min_size is None:
+        return [resolution]
+    from sam3.train.transforms.basic import get_random_resize_scales
+
+    return get_random_resize_scales(resolution, min_size, False) or [resolution]
+
+
+def schedule(cfg: Config, num_train_images: int, world_size: int = 1) -> tuple[int, int, int | None, int]:
+    """(max_epochs, optimizer steps per epoch, limit_ids for the train set, val_epoch_freq) for
+    ``train.max_steps``. With ``world_size`` processes SAM3's DistributedSampler gives each rank
+    1/world_size of the images, and one optimizer step consumes a batch on every rank."""
     batch = cfg.scratch.train_batch_size
-    full_epoch = num_train_images // batch  # drop_last
+    full_epoch = num_train_images // world_size // batch  # per rank, drop_last
     if full_epoch < 1:
-        raise InputError(f"{num_train_images} training images < one batch of {batch}", key="scratch.train_batch_size")
+        raise InputError(f"{num_train_images} training images < one batch of {batch} on each of {world_size} "
+                         "process(es)", key="scratch.train_batch_size")
     steps = min(cfg.sam3.steps_per_epoch or full_epoch, full_epoch, cfg.train.max_steps)
-    limit = steps * batch if steps < full_epoch else None  # a fixed subset of the images
+    limit = steps * batch * world_size if steps < full_epoch else None  # a fixed subset of the images
     epochs = cfg.sam3.max_epochs or math.ceil(cfg.train.max_steps / steps)
-    return epochs, steps, limit
+    val_every = cfg.sam3.val_epoch_freq or max(1, math.ceil(cfg.train.eval_every / steps))
+    return epochs, steps, limit, val_every
 
 
 def _read_coco(path: Path) -> dict:
@@ -134,7 +227,7 @@ def _read_coco(path: Path) -> dict:
         raise InputError(f"not valid JSON: {exc}", file=path) from None
 
 
-def _split(coco_dir: Path, split: str) -> tuple[Path, Path, dict]:
+def _split(coco_dir: Path, split: str, ann_name: str = "annotations.json") -> tuple[Path, Path, dict]:
     """(image root SAM3 joins ``file_name`` to, annotations path, annotations).
 
     ``angioexp convert`` writes ``file_name: images/x.png`` (relative to the split folder); plain
@@ -143,7 +236,7 @@ def _split(coco_dir: Path, split: str) -> tuple[Path, Path, dict]:
     from angioexp.fileio import resolve_under
 
     split_dir = coco_dir / split
-    ann = split_dir / "annotations.json"
+    ann = split_dir / ann_name
     data = _read_coco(ann)
     for key in ("images", "annotations", "categories"):
         if key not in data:
@@ -188,13 +281,17 @@ def build(
     """The SAM3 config as a plain dict (``OmegaConf.create``-ready) and the notes."""
     from angioexp.backends.sam3.weights import find_bpe_vocab
 
+    from angioexp.train.inference import ground_truth_path
+
     notes = check_supported(cfg)
     coco_dir = Path(coco_dir).resolve()
     out_dir = Path(out_dir).resolve()
     train_images, train_ann, train_data = _split(coco_dir, cfg.data.train_split)
-    val_images, val_ann, val_data = _split(coco_dir, cfg.data.val_split)
-    epochs, steps_per_epoch, train_limit = schedule(cfg, len(train_data["images"]))
+    val_images, val_ann, val_data = _split(
+        coco_dir, cfg.data.val_split, ground_truth_path(coco_dir, cfg.data.val_split, cfg).name)  # data.use_clean_val_labels
     cuda = device.startswith("cuda")
+    world_size = cfg.sam3.num_gpus if cuda else 1
+    epochs, steps_per_epoch, train_limit, val_epoch_freq = schedule(cfg, len(train_data["images"]), world_size)
     s, L, P = cfg.scratch, cfg.loss, cfg.prompts
     bpe = str(find_bpe_vocab(bpe_path or cfg.sam3.bpe_path))
     prompts_on = P.num_points[1] > 0 or P.box_chance > 0
@@ -221,6 +318,10 @@ def build(
         "max_size": {"_target_": "sam3.train.transforms.basic.get_random_resize_max_size", "size": "${scratch.resolution}"},
         "square": True, "consistent_transform": False,
     }
+    # SAM3's multi-scale training: a random size, then padded to the resolution
+    train_resize = {**resize, "sizes": "${scratch.train_resize_sizes}"}
+    flip = [{"_target_": "sam3.train.transforms.basic_for_api.RandomHorizontalFlip",
+             "consistent_transform": False, "p": "${scratch.hflip_prob}"}] if s.hflip_prob else []
     decode = {"_target_": "sam3.train.transforms.segmentation.DecodeRle"}
     to_tensor = {"_target_": "sam3.train.transforms.basic_for_api.ToTensorAPI"}
     normalize = {"_target_": "sam3.train.transforms.basic_for_api.NormalizeAPI",
@@ -229,7 +330,8 @@ def build(
         {"_target_": "sam3.train.transforms.basic_for_api.ComposeAPI", "transforms": [
             filt("FilterCrowds"), decode,
             *([prompt_transform(None)] if prompts_on else []),
-            resize,
+            *flip,  # after the prompts: SAM3's hflip moves points and boxes with the image
+            train_resize,
             {"_target_": "sam3.train.transforms.basic_for_api.PadToSizeAPI", "size": "${scratch.resolution}",
              "consistent_transform": False},
             to_tensor, filt("FilterEmptyTargets"), normalize, filt("FilterEmptyTargets"),
@@ -305,6 +407,8 @@ def build(
             "train_norm_mean": [0.5, 0.5, 0.5], "train_norm_std": [0.5, 0.5, 0.5],
             "val_norm_mean": [0.5, 0.5, 0.5], "val_norm_std": [0.5, 0.5, 0.5],
             "num_train_workers": s.num_train_workers, "num_val_workers": 0,
+            "train_resize_sizes": train_resize_sizes(s.resolution, cfg.sam3.resize_min_size),
+            "hflip_prob": s.hflip_prob, "max_dets_per_img": cfg.sam3.max_dets_per_img,
             "lr_scale": s.lr_scale,
             "lr_transformer": "${times:8e-4,${scratch.lr_scale}}",
             "lr_vision_backbone": "${times:2.5e-4,${scratch.lr_scale}}",
@@ -314,7 +418,7 @@ def build(
             "scheduler_cooldown": s.scheduler_cooldown,
             "train_batch_size": s.train_batch_size, "val_batch_size": s.val_batch_size,
             "gradient_accumulation_steps": 1,
-            "matcher": {"_target_": "sam3.train.matcher.BinaryHungarianMatcherV2", **matcher, "stable": False},
+            "matcher": {"_target_": "angioexp.backends.sam3.matcher.GuardedHungarianMatcher", **matcher, "stable": False},
             "collate_fn": {"_target_": "sam3.train.data.collator.collate_fn_api", "_partial_": True,
                            "repeats": 1, "dict_key": TRAIN_KEY, "with_seg_masks": "${scratch.enable_segmentation}",
                            "input_points_embedding_dim": 3},
@@ -334,7 +438,8 @@ def build(
             "max_epochs": epochs,
             "accelerator": "cuda" if cuda else "cpu",
             "seed_value": cfg.seed,
-            "val_epoch_freq": cfg.sam3.val_epoch_freq,
+            "val_epoch_freq": val_epoch_freq,
+            "cuda": {"cudnn_deterministic": cfg.train.deterministic, "cudnn_benchmark": not cfg.train.deterministic},
             "mode": "train",
             "gradient_accumulation_steps": "${scratch.gradient_accumulation_steps}",
             "distributed": {"backend": "nccl" if cuda else "gloo", "find_unused_parameters": True,
@@ -384,6 +489,7 @@ def build(
                 "matcher": matcher,
                 "activation_checkpointing": cfg.sam3.activation_checkpointing,
                 "checkpoint": checkpoint,
+                "checkpoint_prefix": cfg.sam3.checkpoint_prefix,
                 "min_loaded_fraction": cfg.min_loaded_fraction,
                 "report_path": str(out_dir / "init_report.json"),
             },
@@ -394,7 +500,7 @@ def build(
                 "merge_predictions": True,
                 "postprocessor": {
                     "_target_": "sam3.eval.postprocessors.PostProcessImage",
-                    "max_dets_per_img": 100, "iou_type": "segm" if s.enable_segmentation else "bbox",
+                    "max_dets_per_img": "${scratch.max_dets_per_img}", "iou_type": "segm" if s.enable_segmentation else "bbox",
                     "use_original_ids": True, "use_original_sizes_box": True,
                     "use_original_sizes_mask": True, "convert_mask_to_rle": True,
                     "always_interpolate_masks_on_gpu": cuda, "use_presence": "${scratch.use_presence_eval}",
@@ -465,8 +571,10 @@ def render(sam3_cfg: dict, notes: list[str], cfg: Config) -> str:
     header = ["# @package _global_", "# Generated by angioexp from the angioexp config below — edit that, not this.",
               "# What angioexp changes against SAM3's example config:"]
     header += [f"#   - {c}" for c in CHANGES]
+    header.append("# Values that differ from SAM3's recipe (roboflow_v100_full_ft_100_images.yaml):")
+    header += [f"#   - {d}" for d in recipe_differences(sam3_cfg)] or ["#   (none)"]
     if notes:
-        header.append("# angioexp settings the sam3 backend does not use:")
+        header.append("# angioexp settings the sam3 backend approximates:")
         header += [f"#   - {n}" for n in notes]
     header.append("# angioexp config:")
     header += [f"#   {line}" for line in dump_yaml(cfg).splitlines()]

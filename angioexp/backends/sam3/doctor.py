@@ -1,9 +1,11 @@
-"""``angioexp doctor SAM3_CONFIG.yaml``: what an existing SAM3 training config silently does.
+"""``angioexp doctor SAM3_CONFIG.yaml [--data COCO_DIR]``: what an existing SAM3 training config
+(and a COCO folder) silently does.
 
 Reads a SAM3 Hydra training config (e.g. ``configs/angiography/vessel_segmentation.yaml``),
 lists every known pitfall it triggers — what SAM3 (PyPI 0.1.4) actually does with the setting,
 the fix, and the angioexp key that does it properly — and prints the equivalent angioexp config
-(``--write-config`` saves it). Needs neither ``sam3`` nor a GPU: the YAML is only read
+(``--write-config`` saves it). ``--data COCO_DIR`` checks the annotations for what SAM3's data
+path trips on (zero-size boxes, RLE sizes, unused categories …). Needs neither ``sam3`` nor a GPU: the YAML is only read
 (Hydra ``${…}`` interpolations and SAM3's ``times``/``add`` resolvers are evaluated here).
 
 Exit code: 0 when no pitfall is found, 1 when some are, 2 on a bad file.
@@ -168,7 +170,8 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
         eq["scratch.enable_segmentation"] = bool(enable_seg)
     masks_losses = targets(data, "loss_fns.Masks")
     for path, node in targets(data, "collator.collate_fn_api"):
-        if masks_losses and not v.resolve(node.get("with_seg_masks", False)):
+        validation = path.endswith("_val") or ".val." in f".{path}."  # its batches train nothing
+        if masks_losses and not validation and not v.resolve(node.get("with_seg_masks", False)):
             findings.append(Finding(
                 "masks_not_collated", "error", f"{path}.with_seg_masks",
                 "the collate function drops the masks, so the Masks loss returns 0 (loss_mask, loss_dice "
@@ -262,10 +265,12 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
                 "sam3.checkpoint: /path/to/sam3.pt (angioexp never downloads)"))
         else:
             findings.append(Finding(
-                "random_text_encoder", "warning", path,
-                "built without weights, the text encoder's positional_embedding and text_projection are "
-                "torch.empty (uninitialised memory; can be NaN)", "initialise them",
-                "the sam3 backend initialises them (CLIP init)"))
+                "random_weights", "error", f"{path}.load_from_HF",
+                "load_from_HF: false and no checkpoint_path: every weight is random — SAM3 trains from "
+                "scratch without a word, and the text encoder's positional_embedding and text_projection "
+                "are torch.empty (uninitialised memory; can be NaN)",
+                "give checkpoint_path (a local sam3.pt)",
+                "sam3.checkpoint: /path/to/sam3.pt (init_from=none starts from scratch on purpose, CLIP-initialised)"))
         bpe = val(node, "bpe_path")
         if bpe is None or "<" in str(bpe):
             findings.append(Finding(
@@ -283,6 +288,19 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
             "AMP, non-finite gradients are skipped silently by the GradScaler)",
             "skip bad (non-finite or exploding) steps, restore + back off the LR after repeats, count events",
             "nan_guard.max_consecutive / lr_backoff / max_restores / max_loss_ratio (GuardedTrainer)"))
+    if matchers or model_nodes:  # SAM3's builder always attaches BinaryHungarianMatcherV2
+        findings.append(Finding(
+            "matcher_nan_crash", "warning", matchers[0][0] if matchers else model_nodes[0][0],
+            "BinaryHungarianMatcherV2 hands its cost matrix to scipy inside model.forward: one NaN "
+            "prediction raises 'matrix contains invalid numeric entries' before any loss exists, so no "
+            "NaN check sees it and the run dies (facebookresearch/sam3 #289, #440)",
+            "treat a non-finite matching cost as a bad step (skip, restore after repeats)",
+            "the sam3 backend's GuardedHungarianMatcher feeds it to the NaN guard (nan_guard.*)"))
+
+    findings += _loss_key_findings(v)
+    findings += _eval_findings(v, enable_seg, model_nodes)
+    findings += _loader_findings(v)
+    findings += _memory_findings(v, enable_seg)
 
     # Loss weights ---------------------------------------------------------------------------------------------
     for path, node in masks_losses[:1]:
@@ -368,6 +386,115 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
     return findings, eq
 
 
+def _collate(v: HydraView, phase: str, scratch_key: str) -> dict:
+    node = v.get(f"trainer.data.{phase}.collate_fn")
+    if not isinstance(node, dict):
+        node = v.get(f"scratch.{scratch_key}")
+    return node if isinstance(node, dict) else {}
+
+
+def _loss_key_findings(v: HydraView) -> list[Finding]:
+    """SAM3 picks a batch's loss by its collate ``dict_key`` (``Trainer._find_loss``)."""
+    losses = v.get("trainer.loss")
+    if not isinstance(losses, dict):
+        return []
+    real = {k for k, node in losses.items() if not str((v.resolve(node) or {}).get("_target_", "")).endswith("DummyLoss")}
+    out = []
+    train_key = v.resolve(_collate(v, "train", "collate_fn").get("dict_key"))
+    if train_key is not None and train_key not in losses and "default" in losses:
+        out.append(Finding(
+            "train_on_dummy_loss", "error", "trainer.data.train.collate_fn.dict_key",
+            f"the training batches are keyed '{train_key}', which trainer.loss does not define, so "
+            "_find_loss hands them to the 'default' DummyLoss: the loss is 0 and nothing trains "
+            "(facebookresearch/sam3 #367)",
+            f"dict_key: all (or a trainer.loss entry named '{train_key}')",
+            "generated by the sam3 backend (training key 'all', validation key 'angio')"))
+    val_key = v.resolve(_collate(v, "val", "collate_fn_val").get("dict_key"))
+    if val_key is not None and val_key in real:
+        out.append(Finding(
+            "val_key_names_a_loss", "error", "trainer.data.val.collate_fn.dict_key",
+            f"the validation batches are keyed '{val_key}', which names a real loss: SAM3 computes it on "
+            "validation outputs, which carry no matching, and fails with KeyError: 'indices' at the "
+            "first validation (facebookresearch/sam3 #448)",
+            "a validation dict_key that only the meters use (the loss falls to the 'default' DummyLoss)",
+            "generated by the sam3 backend (validation key 'angio')"))
+    return out
+
+
+def _eval_findings(v: HydraView, enable_seg, model_nodes) -> list[Finding]:
+    out = []
+    no_mask_head = enable_seg is False or any(
+        n.get("enable_segmentation") is not None and not v.resolve(n["enable_segmentation"]) for _, n in model_nodes)
+    for path, node in targets(v.data, "coco_writer.PredictionDumper"):
+        if v.resolve(node.get("iou_type", "bbox")) != "segm":
+            continue
+        post = v.resolve(node.get("postprocessor"))
+        post_iou = v.resolve(post.get("iou_type", "bbox")) if isinstance(post, dict) else None
+        if post_iou != "segm" or no_mask_head:
+            why = ("the model has no mask head (enable_segmentation: false)" if no_mask_head else
+                   f"its postprocessor is a box postprocessor (iou_type {post_iou!r})")
+            out.append(Finding(
+                "segm_eval_without_masks", "error", f"{path}.iou_type",
+                f"iou_type: segm, but {why}: predictions carry no masks and the evaluation fails with "
+                "KeyError: 'masks' — after a whole training epoch (facebookresearch/sam3 #485, #330)",
+                "a segm postprocessor (iou_type: segm, use_original_sizes_mask: true) on a model with a mask head",
+                "scratch.enable_segmentation: true (the generated config pairs them)"))
+    return out
+
+
+def _loader_findings(v: HydraView) -> list[Finding]:
+    images = v.get("trainer.data.train.dataset.limit_ids")
+    batch = v.get("trainer.data.train.batch_size", v.get("scratch.train_batch_size"))
+    drop_last = v.get("trainer.data.train.drop_last", False)
+    gpus = v.get("launcher.gpus_per_node", 1)
+    nodes = v.get("launcher.num_nodes", 1)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (images, batch, gpus, nodes)):
+        return []
+    per_step = int(batch) * int(gpus) * int(nodes)
+    if drop_last and int(images) < per_step:
+        return [Finding(
+            "empty_train_loader", "error", "trainer.data.train.dataset.limit_ids",
+            f"{int(images)} training images (num_images / limit_ids) < batch {int(batch)} × {int(gpus) * int(nodes)} "
+            "GPU(s): each GPU's DistributedSampler share is smaller than one batch and drop_last drops it, "
+            "so the loader is empty and the epoch ends without a step (facebookresearch/sam3 #251, #362)",
+            f"at least {per_step} images, a smaller batch or fewer GPUs",
+            "train.max_steps / sam3.steps_per_epoch (the sam3 backend counts the step plan per GPU and "
+            "refuses a split smaller than one batch per GPU)")]
+    return []
+
+
+def _memory_findings(v: HydraView, enable_seg) -> list[Finding]:
+    out = []
+    resolution = v.get("scratch.resolution")
+    batch = v.get("trainer.data.train.batch_size", v.get("scratch.train_batch_size"))
+    if isinstance(resolution, (int, float)) and resolution >= NATIVE_RESOLUTION and enable_seg \
+            and isinstance(batch, (int, float)) and batch >= 2:
+        out.append(Finding(
+            "oom_at_1008", "warning", "scratch.train_batch_size",
+            f"batch {int(batch)} at {int(resolution)} px with segmentation on runs out of memory on 80 GB "
+            "GPUs (facebookresearch/sam3 #343, #189, #163)",
+            "batch 1 (SAM3's recipe), activation checkpointing on, bf16",
+            "scratch.train_batch_size: 1; sam3.activation_checkpointing: true; optim.amp.amp_dtype: bfloat16"))
+    amp_dtype = v.get("trainer.optim.amp.amp_dtype")
+    if amp_dtype == "bfloat16" and v.get("trainer.optim.amp.enabled", True) and _gpu_without_bf16():
+        out.append(Finding(
+            "no_bf16_gpu", "warning", "trainer.optim.amp.amp_dtype",
+            "this machine's GPU has no bfloat16: autocast falls back to float32 activations, which at "
+            "1008 px run out of memory (facebookresearch/sam3 #343, #189, #163)",
+            "float16 with the GradScaler, or a GPU with bf16 (Ampere or newer)",
+            "optim.amp.amp_dtype: float16 (the sam3 backend's guard leaves the GradScaler's own overflows "
+            "to the scaler)"))
+    return out
+
+
+def _gpu_without_bf16() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available() and not torch.cuda.is_bf16_supported())
+
+
 def equivalent_config(eq: dict) -> dict:
     """The flat ``key: value`` map as a validated, nested angioexp config dict."""
     from angioexp.config import Config, set_value, to_dict, validate
@@ -390,6 +517,106 @@ def equivalent_config(eq: dict) -> dict:
     return pick(full, nested)
 
 
+# --- a COCO folder: what SAM3's data path does with it ---------------------------------------------
+
+
+def coco_files(root: str | Path) -> list[Path]:
+    """The annotation files of a COCO folder: ``annotations.json`` (or Roboflow's
+    ``_annotations.coco.json``) in it or in its split folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("COCO folder not found", file=root)
+    names = ("annotations.json", "_annotations.coco.json")
+    files = [root / n for n in names if (root / n).is_file()]
+    files += sorted(p / n for p in root.iterdir() if p.is_dir() for n in names if (p / n).is_file())
+    if not files:
+        raise InputError("no annotations.json in it or in its split folders", file=root)
+    return files
+
+
+def _examples(items: list, n: int = 3) -> str:
+    return ", ".join(str(i) for i in items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
+
+
+def diagnose_coco(path: Path) -> list[Finding]:
+    """Findings for one COCO annotations file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc}", file=path) from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise InputError("not a COCO file (needs lists 'images', 'annotations', 'categories')", file=path)
+    images = {im.get("id"): im for im in data["images"] if isinstance(im, dict)}
+    anns = [a for a in data["annotations"] if isinstance(a, dict) and not a.get("iscrowd")]
+    out = []
+
+    flat = [a["id"] for a in anns if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4
+            and (a["bbox"][2] <= 0 or a["bbox"][3] <= 0)]
+    if flat:
+        out.append(Finding(
+            "zero_size_boxes", "error", f"{path}: annotations {_examples(flat)}",
+            "boxes of zero width or height (a straight vessel segment along a pixel row or column): "
+            "SAM3's generalized_box_iou divides by the box areas without an epsilon, so the matching cost "
+            "and the GIoU loss turn NaN (facebookresearch/sam3 #289, #440)",
+            "give every box at least 1 px of width and height (or drop the annotation)",
+            "angioexp convert writes boxes from the masks (≥ 1 px); the sam3 backend's matcher turns a "
+            "NaN cost into a NaN-guard step (nan_guard.*)"))
+
+    annotated = {a.get("image_id") for a in anns}
+    empty = [i for i in images if i not in annotated]
+    if empty:
+        out.append(Finding(
+            "images_without_annotations", "warning", f"{path}: images {_examples(empty)}",
+            f"{len(empty)} of {len(images)} images have no annotation: SAM3's COCO_FROM_JSON "
+            "(include_negatives) queries every category on them as absent — right for a frame without "
+            "vessels, wrong for a frame whose labels were lost in conversion",
+            "check that these frames really show no vessel (or remove them)",
+            "angioexp convert refuses empty masks (one line naming the row)"))
+
+    used = {a.get("category_id") for a in anns}
+    unused = [c.get("id") for c in data["categories"] if isinstance(c, dict) and c.get("id") not in used]
+    if unused:
+        names = {c.get("id"): c.get("name") for c in data["categories"] if isinstance(c, dict)}
+        out.append(Finding(
+            "unused_categories", "warning", f"{path}: categories {_examples([f'{i} ({names[i]})' for i in unused])}",
+            "categories without a single annotation: SAM3 queries each of them on every image as a negative "
+            "(include_negatives), so it learns to answer 'absent' for a concept it never sees",
+            "drop the categories (or add their annotations)",
+            "Stage 2 categories come from angioexp/segments.py; angioexp convert lists only present ones"))
+
+    wrong_size = []
+    for a in anns:
+        seg, image = a.get("segmentation"), images.get(a.get("image_id"))
+        if isinstance(seg, dict) and image and list(seg.get("size", [])) != [image.get("height"), image.get("width")]:
+            wrong_size.append(f"{a.get('id')} (RLE {seg.get('size')} vs image {image.get('height')}×{image.get('width')})")
+    if wrong_size:
+        out.append(Finding(
+            "rle_size_mismatch", "error", f"{path}: annotations {_examples(wrong_size)}",
+            "RLE masks whose size differs from their image: DecodeRle decodes them at the RLE's size, so the "
+            "mask no longer lines up with the resized image (or a transform fails on the shape mismatch)",
+            "re-encode the masks at the image's size",
+            "angioexp convert resizes labels to the frame (nearest) and encodes them at its size"))
+
+    per_query: dict = {}
+    for a in anns:
+        key = (a.get("image_id"), a.get("category_id"))
+        per_query[key] = per_query.get(key, 0) + 1
+    several = [f"image {i} category {c} ({n})" for (i, c), n in per_query.items() if n > 1]
+    if several:
+        out.append(Finding(
+            "several_targets_per_query", "warning", f"{path}: {_examples(several)}",
+            "several annotations of one category on one image make one find query with several targets; "
+            "SAM3's point sampler (RandomGeometricInputsAPI) asserts 'Geometric queries only support a "
+            "single target object' on such a query",
+            "merge the pieces into one annotation per category and image, or prompt with text only",
+            "prompts.* (CentrelinePrompts samples points from the union of a query's targets)"))
+    return out
+
+
+def diagnose_data(root: str | Path) -> list[Finding]:
+    return [f for path in coco_files(root) for f in diagnose_coco(path)]
+
+
 def load_sam3_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -404,7 +631,9 @@ def load_sam3_yaml(path: str | Path) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a SAM3 Hydra training config (YAML)")
+    parser.add_argument("config", nargs="?", help="a SAM3 Hydra training config (YAML)")
+    parser.add_argument("--data", metavar="COCO_DIR", help="also check a COCO folder (annotations.json in it or "
+                        "in its split folders) for what SAM3's data path trips on")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--write-config", metavar="PATH", help="save the equivalent angioexp config here")
 
@@ -412,20 +641,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from angioexp.fileio import atomic_file
 
-    data = load_sam3_yaml(args.config)
-    findings, eq = diagnose(data)
-    equivalent = equivalent_config(eq)
-    text = yaml.safe_dump(equivalent, sort_keys=False)
-    if args.write_config:
-        with atomic_file(args.write_config, "w", encoding="utf-8") as handle:
-            handle.write(f"# angioexp equivalent of {args.config} (angioexp doctor)\n{text}")
+    if not args.config and not args.data:
+        raise InputError("give a SAM3 config, --data COCO_DIR, or both")
+    findings, equivalent, text = [], None, ""
+    if args.config:
+        findings, eq = diagnose(load_sam3_yaml(args.config))
+        equivalent = equivalent_config(eq)
+        text = yaml.safe_dump(equivalent, sort_keys=False)
+        if args.write_config:
+            with atomic_file(args.write_config, "w", encoding="utf-8") as handle:
+                handle.write(f"# angioexp equivalent of {args.config} (angioexp doctor)\n{text}")
+    if args.data:
+        findings += diagnose_data(args.data)
+    subject = " + ".join(str(x) for x in (args.config, args.data) if x)
     if args.json:
-        print(json.dumps({"config": str(args.config), "findings": [asdict(f) for f in findings],
-                          "angioexp_config": equivalent}, indent=2))
+        print(json.dumps({"config": args.config and str(args.config), "data": args.data and str(args.data),
+                          "findings": [asdict(f) for f in findings], "angioexp_config": equivalent}, indent=2))
     else:
-        print(f"{args.config}: {len(findings)} pitfall(s) found" if findings else f"{args.config}: no known pitfall found")
+        print(f"{subject}: {len(findings)} pitfall(s) found" if findings else f"{subject}: no known pitfall found")
         for i, finding in enumerate(findings, 1):
             print(finding.render(i))
-        print("\nEquivalent angioexp config (angioexp train --config THIS.yaml):")
-        print(text)
+        if equivalent is not None:
+            print("\nEquivalent angioexp config (angioexp train --config THIS.yaml):")
+            print(text)
     return 1 if findings else 0

@@ -97,6 +97,7 @@ def check(device: str, resolution: int, steps: int, out: Path, amp: bool = True,
         f"scratch.train_batch_size={batch_size}", "scratch.val_batch_size=1", "data.max_val_images=1",
         f"train.device={device}", f"optim.amp.enabled={str(amp).lower()}", "nan_guard.snapshot_every=0",
         "eval.overlays=0", f"sam3.activation_checkpointing={str(activation_checkpointing).lower()}",
+        *(["scratch.num_train_workers=0"] if device == "cpu" else []),  # SAM3's 10 workers: GPU hosts
     ])
     cfg.data.coco_dir = str(coco)
     events: list[tuple[int, dict]] = []

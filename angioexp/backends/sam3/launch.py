@@ -45,10 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(local_rank: int, port: int, config_path: str, world_size: int) -> None:
-    """One rank: what SAM3's ``single_proc_run`` does, plus shims and a clean process-group exit."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+def _train(config_path: str) -> None:
     import torch
     from hydra.utils import instantiate
 
@@ -66,6 +63,54 @@ def _run_rank(local_rank: int, port: int, config_path: str, world_size: int) -> 
             torch.distributed.destroy_process_group()
 
 
+def rank_status_path(status: Path, rank: int) -> Path:
+    return status.with_name(f"{status.stem}.rank{rank}{status.suffix}")
+
+
+def _run_rank(local_rank: int, port: int, world_size: int, status: str, target, *args) -> None:
+    """One rank: what SAM3's ``single_proc_run`` does, plus shims and a clean process-group exit.
+
+    With several ranks, ``torch.multiprocessing`` hands the parent only a
+    ``ProcessRaisedException`` carrying the traceback text: a divergence would read as an error
+    and a failed checkpoint load would lose its report. Each rank therefore writes its own
+    status (the same payload as :func:`describe_exception`) before re-raising."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    try:
+        target(*args)
+    except BaseException as exc:
+        if world_size > 1:
+            payload, code = describe_exception(exc)
+            _write_status(rank_status_path(Path(status), local_rank), {**payload, "rank": local_rank, "exit_code": code})
+        raise
+
+
+def _rank_failure(status: Path, world_size: int) -> tuple[dict, int] | None:
+    """The failure to report from the ranks' own statuses: an angioexp error (divergence, a
+    checkpoint that does not fit …) before a generic one, which is often just another rank
+    losing its peer; then the lowest rank."""
+    found = []
+    for rank in range(world_size):
+        payload = _read_status(rank_status_path(status, rank))
+        if payload:
+            code = int(payload.pop("exit_code", EXIT_ERROR))
+            found.append((code == EXIT_ERROR, rank, payload, code))
+    if not found:
+        return None
+    _, _, payload, code = min(found, key=lambda item: item[:2])
+    return payload, code
+
+
+def spawn_ranks(world_size: int, status: Path, target, *args) -> None:
+    """``target(*args)`` in ``world_size`` spawned ranks (one per GPU) on a free local port."""
+    import torch.multiprocessing as mp
+
+    for rank in range(world_size):  # a resumed run: no stale rank status
+        rank_status_path(status, rank).unlink(missing_ok=True)
+    mp.start_processes(_run_rank, args=(free_port(), world_size, str(status), target, *args),
+                       nprocs=world_size, start_method="spawn")
+
+
 def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run SAM3's trainer on a generated config")
     parser.add_argument("config")
@@ -75,15 +120,14 @@ def child_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     status = Path(args.status)
     try:
-        port = free_port()
         if args.num_gpus > 1:
-            import torch.multiprocessing as mp
-
-            mp.start_processes(_run_rank, args=(port, args.config, args.num_gpus), nprocs=args.num_gpus, start_method="spawn")
+            spawn_ranks(args.num_gpus, status, _train, args.config)
         else:
-            _run_rank(0, port, args.config, 1)
+            _run_rank(0, free_port(), 1, str(status), _train, args.config)
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
         payload, code = describe_exception(exc)
+        if args.num_gpus > 1:
+            payload, code = _rank_failure(status, args.num_gpus) or (payload, code)
         _write_status(status, payload)
         traceback.print_exc()
         return code

@@ -10,7 +10,8 @@ and changes five things that SAM3's ``build_sam3_image_model`` does silently:
 2. **The configured matcher drives one-to-one matching.** SAM3's builder hard-codes a
    ``BinaryHungarianMatcherV2(cost_class=2, cost_bbox=5, cost_giou=2)`` on the model; the YAML
    ``scratch.matcher`` only reaches the loss's one-to-many auxiliary matching. Here the model's
-   matcher is built from ``matcher.*``.
+   matcher is built from ``matcher.*``, and a non-finite cost becomes a bad step for the NaN
+   guard instead of a scipy crash (:mod:`angioexp.backends.sam3.matcher`).
 3. **Other resolutions work.** The ViT is built for 1008 px (RoPE tables of 72×72 tokens in its
    four global-attention blocks); feeding 336 px images trips an assertion. The RoPE tables are
    recomputed for ``scratch.resolution`` (a multiple of 336, so 24-token windows tile exactly).
@@ -129,10 +130,11 @@ class Sam3ImageWithPoints(_sam3_image_class()):  # type: ignore[misc]
 
 
 def make_matcher(focal: bool, cost_class: float, cost_bbox: float, cost_giou: float, alpha: float, gamma: float):
-    """SAM3's ``BinaryHungarianMatcherV2`` with the configured costs (angioexp ``matcher.*``)."""
-    from sam3.train.matcher import BinaryHungarianMatcherV2
+    """SAM3's ``BinaryHungarianMatcherV2`` with the configured costs (angioexp ``matcher.*``),
+    reporting a non-finite cost to the NaN guard instead of crashing (:mod:`.matcher`)."""
+    from angioexp.backends.sam3.matcher import GuardedHungarianMatcher
 
-    return BinaryHungarianMatcherV2(
+    return GuardedHungarianMatcher(
         focal=focal, cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
         alpha=alpha, gamma=gamma, stable=False,
     )
@@ -184,8 +186,11 @@ def build_components(bpe_path: str, resolution: int, enable_segmentation: bool) 
     its attention kernels pinned (checkpoint recomputes match the forward)."""
     from sam3 import model_builder as mb
 
+    from angioexp.backends.sam3 import check_sam3_version
     from angioexp.backends.sam3.act_ckpt import pin_text_attention_kernels
     from angioexp.backends.sam3.cpu import cpu_shims
+
+    check_sam3_version()  # the private builders below and resize_vit_rope are release-specific
 
     # SAM3's decoder and position encoding pre-compute caches with device="cuda".
     with cpu_shims():
@@ -231,6 +236,7 @@ def build_sam3_model(
     matcher: dict | None = None,
     activation_checkpointing: bool = True,
     checkpoint: str | None = None,
+    checkpoint_prefix: str | None = None,
     min_loaded_fraction: float = 0.9,
     report_path: str | None = None,
     eval_mode: bool = False,
@@ -244,7 +250,9 @@ def build_sam3_model(
         matcher: ``BinaryHungarianMatcherV2`` kwargs for one-to-one matching (None: SAM3's).
         activation_checkpointing: recompute activations in the backward pass (SAM3's default);
             False keeps them (more memory, less compute).
-        checkpoint: vanilla ``sam3.pt``, a trainer checkpoint or a ``models:/`` URI.
+        checkpoint: vanilla ``sam3.pt``, a trainer checkpoint, a ``models:/`` URI, or a foreign
+            state dict with SAM3 inside (found by key suffixes and shapes).
+        checkpoint_prefix: the key prefix of SAM3's tree in a foreign state dict (None: found).
         min_loaded_fraction: fail (``CheckpointLoadError``) below this fraction of tensors loaded.
         report_path: where to write the load report JSON (the launcher reads it back).
         eval_mode: no matcher (inference only).
@@ -259,7 +267,7 @@ def build_sam3_model(
     set_activation_checkpointing(model, activation_checkpointing)
 
     if checkpoint:
-        report = load_sam3_weights(model, checkpoint, min_loaded_fraction=min_loaded_fraction)
+        report = load_sam3_weights(model, checkpoint, min_loaded_fraction=min_loaded_fraction, prefix=checkpoint_prefix)
         log.info("SAM3 init: %s", report.summary())
         if report_path:
             Path(report_path).parent.mkdir(parents=True, exist_ok=True)

@@ -101,10 +101,11 @@ def train_sam3(
     """Train with SAM3's trainer; see the module docstring. ``args`` may be None or an argparse
     namespace with any of ``out``, ``resume``, ``init_from``, ``coco_dir``, ``max_steps``.
     ``loss_hook`` (tests: NaN injection) and ``save_checkpoints=False`` (timing runs) are for tools."""
-    from angioexp.backends.sam3 import SAM3_MISSING, sam3_available
+    from angioexp.backends.sam3 import SAM3_MISSING, check_sam3_version, sam3_available
 
     if not sam3_available():
         raise InputError(SAM3_MISSING, key="backend")
+    check_sam3_version()
     from angioexp.backends.sam3 import config_gen
     from angioexp.backends.sam3.launch import launch
 
@@ -139,8 +140,9 @@ def train_sam3(
     def on_event(event: dict) -> None:
         state.handle(event, callbacks)
 
+    threads = {"OMP_NUM_THREADS": str(cfg.train.threads)} if cfg.train.threads else None  # torch reads it at start
     result = launch(config_path, out_dir, on_event=on_event, num_gpus=cfg.sam3.num_gpus if device.startswith("cuda") else 1,
-                    timeout_seconds=timeout_seconds)
+                    timeout_seconds=timeout_seconds, env=threads)
     status = result.status
     if status.get("status") == "error" and not state.started:
         raise _child_error(status, result)  # e.g. a checkpoint that does not fit: nothing started

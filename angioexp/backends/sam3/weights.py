@@ -8,8 +8,13 @@ silently starts from random weights. :func:`load_sam3_weights` recognises the th
 * vanilla ``sam3.pt`` (Meta's release): ``detector.*`` (image model) and ``tracker.*`` (video);
 * a trainer checkpoint (``checkpoints/checkpoint.pt``): ``{"model": {...}, "optimizer": ...}``;
 * a registered model (``models:/angio-stage1@champion``) or a bare state dict,
+* a **foreign** state dict: SAM3 inside someone's own wrapper (other key prefixes, extra heads,
+  saved as a plain ``.pth``) — the SAM3 sub-tree is found by the key prefix whose removal maps
+  the most tensors onto model tensors of the same shape (or named by ``sam3.checkpoint_prefix``);
+  the wrapper's own tensors are listed as ``unexpected`` in the report,
 
-loads through :func:`angioexp.checkpoints.load_state_with_report` (``weights_only=True``),
+read memory-mapped (each of several GPU processes would otherwise hold a full copy in host
+memory), loads through :func:`angioexp.checkpoints.load_state_with_report` (``weights_only=True``),
 checks that every loaded tensor now equals its source, and fails with ``CheckpointLoadError``
 below ``min_loaded_fraction``. RoPE ``freqs_cis`` buffers are skipped on purpose: they are a
 function of the resolution and are recomputed (a 1008-px checkpoint loads into a 336-px model).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections import Counter
 import importlib.util
 import logging
 import os
@@ -122,6 +128,35 @@ def resolve_checkpoint(source: str) -> Path:
     return chosen[0]
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of ``path``, memory-mapped (``torch.load(mmap=True, weights_only=True)``):
+    tensors are paged in from the file as they are copied into the model, not read up front.
+    Files in torch's legacy (pre-zip) format cannot be mapped and are read whole."""
+    payload = None
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - legacy format, or corrupt: read_checkpoint says which
+            log.debug("%s: not memory-mappable (%s); reading it whole", path, exc)
+    return extract_state_dict(payload if payload is not None else read_checkpoint(path))
+
+
+def find_prefix(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> tuple[str, int]:
+    """The key prefix whose removal maps the most tensors of ``state`` onto ``model`` tensors of
+    the same shape (``""``: none), and how many it maps. Ties go to the shorter prefix."""
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    counts: Counter[str] = Counter()
+    for name, tensor in state.items():
+        if skip_rule(name):
+            continue
+        for cut in [0] + [i + 1 for i, ch in enumerate(name) if ch == "."]:
+            if shapes.get(name[cut:]) == tuple(tensor.shape):
+                counts[name[:cut]] += 1
+    if not counts:
+        return "", 0
+    return max(counts.items(), key=lambda item: (item[1], -len(item[0])))
+
+
 def checkpoint_format(state: Mapping[str, torch.Tensor]) -> str:
     """'vanilla' (Meta's sam3.pt), 'ddp' (``module.`` prefixes) or 'plain'."""
     names = list(state)
@@ -145,23 +180,44 @@ def skip_rule(name: str) -> bool:
     return name.endswith("freqs_cis") or name.startswith(VIDEO_ONLY_PREFIX)
 
 
+def _strip(prefix: str):
+    return lambda n: n[len(prefix):] if n.startswith(prefix) else n
+
+
 def load_sam3_weights(
     model: torch.nn.Module,
     source: str,
     *,
     min_loaded_fraction: float = 0.9,
     state: Mapping[str, torch.Tensor] | None = None,
+    prefix: str | None = None,
 ) -> LoadReport:
-    """Load SAM3 weights from ``source`` into ``model``; verify; fail below ``min_loaded_fraction``."""
+    """Load SAM3 weights from ``source`` into ``model``; verify; fail below ``min_loaded_fraction``.
+
+    ``prefix``: the key prefix of SAM3's tree in a foreign state dict (``sam3.checkpoint_prefix``;
+    None: the known formats, else found by matching key suffixes and shapes)."""
     if state is None:
-        path = resolve_checkpoint(source)
-        state = extract_state_dict(read_checkpoint(path))
-    fmt = checkpoint_format(state)
-    rename = _rename_for(fmt)
+        state = read_weights(resolve_checkpoint(source))
+    if prefix is not None:
+        if not any(name.startswith(prefix) for name in state):
+            raise CheckpointLoadError(f"{source}: no tensor name starts with sam3.checkpoint_prefix '{prefix}' "
+                                      f"(the names start like {sorted(state)[:3]})")
+        fmt, rename = f"prefix '{prefix}'", _strip(prefix)
+    else:
+        fmt = checkpoint_format(state)
+        rename = _rename_for(fmt)
+        found, mapped = find_prefix(state, model)
+        own = model.state_dict()
+        direct = sum(1 for name in state if not skip_rule(rename(name)) and rename(name) in own)
+        if mapped > direct:  # SAM3 inside another model: its sub-tree sits under `found`
+            fmt, rename = f"foreign, SAM3 under prefix '{found}'", _strip(found)
     report = load_state_with_report(
         model, state, source=f"{source} ({fmt})", min_loaded_fraction=min_loaded_fraction,
         skip=skip_rule, rename=rename,
     )
+    if report.unexpected:
+        log.info("SAM3 init from %s: %d tensors of the checkpoint left out (not SAM3's), e.g. %s",
+                 source, len(report.unexpected), report.unexpected[:5])
     # Verify: every tensor reported as loaded must now hold the checkpoint's values.
     own = model.state_dict()
     by_name = {rename(k): v for k, v in state.items()}
@@ -176,7 +232,7 @@ def export_model_state(trainer_checkpoint: str | os.PathLike, out_path: str | os
     LoggedModel / registry version carries, loadable with ``weights_only=True``."""
     from angioexp.fileio import atomic_file
 
-    state = extract_state_dict(read_checkpoint(trainer_checkpoint))
+    state = read_weights(Path(trainer_checkpoint))
     out_path = Path(out_path)
     with atomic_file(out_path, "wb") as handle:
         torch.save(state, handle)
