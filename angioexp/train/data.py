@@ -416,15 +416,15 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def batches(self, batch_size: int, max_queries: int = 32, queries: bool = True):
+    def batches(self, batch_size: int, max_queries: int = 32, with_queries: bool = True):
         """Yield (Batch, original sizes [(H, W)]) over all images, in order.
 
         Images per batch: ``batch_size``, fewer when the categories are many (Stage 2 asks 26
         queries per image, each with full-resolution mask logits for Q object queries).
-        ``queries=False``: images and views only (the identity head asks every prompt at once).
+        ``with_queries=False``: images and views only (the identity head asks every prompt at once).
         """
         pc = self.cfg.prompts
-        if queries:
+        if with_queries:
             batch_size = max(1, min(batch_size, max_queries // max(1, len(self.category_ids))))
         for start in range(0, len(self.records), batch_size):
             records = self.records[start : start + batch_size]
@@ -437,7 +437,7 @@ class EvalSet:
                 if self.geometric:
                     for category_id, mask in self.split.instances(record.id):
                         by_cat.setdefault(category_id, []).append(_resize_mask(mask, self.size))
-                for category_id in self.category_ids if queries else ():
+                for category_id in self.category_ids if with_queries else ():
                     points, box = [], None
                     if self.geometric and category_id in by_cat:
                         rng = np.random.default_rng([self.cfg.seed, 3, record.id, category_id])

@@ -175,7 +175,7 @@ def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, devi
     identity = cfg.stage == 2 and getattr(model, "has_identity", False)
     class_text_ids = data.tokenizer.batch([data.prompts[c] for c in data.category_ids]).to(device) if identity else None
     try:
-        for batch, sizes in data.batches(cfg.scratch.val_batch_size, queries=not identity):
+        for batch, sizes in data.batches(cfg.scratch.val_batch_size, with_queries=not identity):
             with torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 if identity:
                     results.extend(predict_identity_batch(model, batch.to(device), sizes, class_text_ids, data.category_ids,
