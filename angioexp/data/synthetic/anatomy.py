@@ -167,8 +167,7 @@ class TreeBuilder:
         knots = np.concatenate([[0.0], np.cumsum(gaps)])
         n = max(int(knots[-1] / 0.25), 8)
         tau = np.linspace(0.0, knots[-1], n)
-        s = PchipInterpolator(knots, s_c)(tau)
-        th = PchipInterpolator(knots, th_c)(tau)
+        s, th = PchipInterpolator(knots, np.stack([s_c, th_c], axis=1))(tau).T  # one spline, both columns
         # Lateral tortuosity: displace along the in-surface normal of the curve, in mm.
         r = np.maximum(self.frame.ring_radius(s), 5.0)
         a_mm, b_mm = s * self.frame.length, th * r

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from angioexp.data.synthetic.raster import zoom_linear
 from angioexp.segments import BY_SLUG
 
 CATHETER_LABEL = BY_SLUG["catheter"].label
@@ -84,7 +85,7 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) ->
     """Unit-variance noise correlated over ~``cell`` px (coarse grid, bilinear upsampling)."""
     h, w = shape
     coarse = rng.standard_normal((h // cell + 2, w // cell + 2)).astype(np.float32)
-    field = ndi.zoom(coarse, cell, order=1, prefilter=False)[:h, :w]
+    field = zoom_linear(coarse, cell, (h, w), grid_mode=False)
     field -= field.mean()
     return field / max(float(field.std()), 1e-6)
 

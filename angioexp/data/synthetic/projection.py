@@ -13,6 +13,7 @@ puts the spine on the image right, toward the right (RAO) on the image left, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -46,25 +47,25 @@ class CArm:
     size: int  # detector pixels per side
     sod_mm: float = SOURCE_ISOCENTRE_MM
 
-    # --- axes -------------------------------------------------------------------------------
-    @property
+    # --- axes (cached: every projection reads them, and np.cross on one vector is slow) -------
+    @cached_property
     def beam(self) -> np.ndarray:
         """(3,) unit vector from the source through the isocentre to the detector."""
         a, b = np.radians(self.primary_deg), np.radians(self.secondary_deg)
         return np.array([np.sin(a) * np.cos(b), -np.cos(a) * np.cos(b), np.sin(b)])
 
-    @property
+    @cached_property
     def col_axis(self) -> np.ndarray:
         """(3,) unit vector along increasing image column (stays horizontal: no C-arm roll)."""
         a = np.radians(self.primary_deg)
         return np.array([np.cos(a), np.sin(a), 0.0])
 
-    @property
+    @cached_property
     def row_axis(self) -> np.ndarray:
         """(3,) unit vector along increasing image row (toward the feet at secondary 0)."""
         return np.cross(self.col_axis, self.beam)
 
-    @property
+    @cached_property
     def source(self) -> np.ndarray:
         return -self.sod_mm * self.beam
 

@@ -32,7 +32,7 @@ from angioexp.data.synthetic.anatomy import Branch, Patient, catheter_path
 from angioexp.data.synthetic.labels import MIN_MASK_RADIUS_PX, CapsuleTable, smooth_noise
 from angioexp.data.synthetic.motion import plan_bolus, plan_motion, splat
 from angioexp.data.synthetic.projection import CArm, RayGrid
-from angioexp.data.synthetic.raster import Raster, Tube2D, rasterize, resample_polyline
+from angioexp.data.synthetic.raster import Raster, Tube2D, rasterize, resample_polyline, zoom_linear
 
 # Linear attenuation (1/mm) at an effective energy of ~60 keV, relative to water-like tissue.
 MU_TISSUE = 0.020
@@ -191,8 +191,9 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
     for ped in th.pedicles:
         add(ped, MU_BONE_EXTRA + 0.3 * MU_CORTEX_EXTRA)
 
-    # Ribs: bone tubes with a cortical shell (outer minus inner, each a per-rib maximum).
-    outer, inner = [], []
+    # Ribs: bone tubes with a cortical shell (a hollow profile: bone minus the marrow's cortex
+    # deficit inside 72% of the radius), in one raster pass.
+    ribs = []
     for rib in th.ribs:
         col, row, radius, weight = _project_tube(lo, rib, np.full(len(rib), th.rib_radius), shift)
         reach = float(radius.max())
@@ -201,16 +202,16 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
         at = resample_polyline(col, row, max(1.0, 0.5 * float(radius.mean())))
         idx = np.arange(len(col), dtype=float)
         c, r, rad, w = (np.interp(at, idx, v) for v in (col, row, radius, weight))
-        outer.append(Tube2D(c, r, rad, w))
-        inner.append(Tube2D(c, r, 0.72 * rad, w))
-    if outer:
-        att += (RIB_FLATNESS * (MU_BONE_EXTRA + MU_CORTEX_EXTRA)) * rasterize(outer, (size, size)).value
-        att -= (RIB_FLATNESS * MU_CORTEX_EXTRA) * rasterize(inner, (size, size)).value
+        ribs.append(Tube2D(c, r, rad, w))
+    if ribs:
+        cortex_share = MU_CORTEX_EXTRA / (MU_BONE_EXTRA + MU_CORTEX_EXTRA)
+        bone = rasterize(ribs, (size, size), inner_fraction=0.72, inner_weight=cortex_share).value
+        att += (RIB_FLATNESS * (MU_BONE_EXTRA + MU_CORTEX_EXTRA)) * bone
     # Scatter and the focal spot soften every anatomical edge by a few mm.
     att = ndi.gaussian_filter(att, 1.5 / lo.iso_pixel_mm, mode="nearest")
     if factor == 1:
         return att
-    return ndi.zoom(att, factor, order=1, mode="nearest", grid_mode=True)[: carm.size, : carm.size].astype(np.float32)
+    return zoom_linear(att, factor, (carm.size, carm.size), grid_mode=True)
 
 
 def _catheter(carm: CArm, patient: Patient, system: str, shift: np.ndarray, rng: np.random.Generator):
@@ -226,8 +227,10 @@ def _catheter(carm: CArm, patient: Patient, system: str, shift: np.ndarray, rng:
     lumen_frac = CATHETER_LUMEN_MM / CATHETER_RADIUS_MM
     ids = np.arange(len(at) - 1)
     tube = Tube2D(c, r, rad, w, np.maximum(rad, MIN_MASK_RADIUS_PX), ids)
-    wall = rasterize([tube], (size, size), inner_fraction=lumen_frac, inner_weight=1.0, with_key=True, margin=0.0)
-    lumen = rasterize([Tube2D(c, r, rad * lumen_frac, w)], (size, size)).value
+    wall = rasterize(
+        [tube], (size, size), inner_fraction=lumen_frac, inner_weight=1.0, with_inner=True, with_key=True, margin=0.0
+    )
+    lumen = wall.inner
     owner = wall.owner()
     silhouette = (wall.signed_distance() <= 0.0) & (owner >= 0)
     tip_mm = np.full((size, size), np.inf, np.float32)
@@ -259,7 +262,7 @@ def _drc_field(att: np.ndarray, sigma_px: float, strength: float) -> np.ndarray:
     f = 4 if size >= 256 else 2
     coarse = att.reshape(size // f, f, size // f, f).mean(axis=(1, 3))
     low = ndi.gaussian_filter(coarse, sigma_px / f, mode="nearest")
-    up = ndi.zoom(low, f, order=1, mode="nearest", grid_mode=True)[:size, :size]
+    up = zoom_linear(low, f, (size, size), grid_mode=True)
     return strength * (up - np.median(up))
 
 
