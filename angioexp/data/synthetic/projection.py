@@ -112,14 +112,14 @@ class CArm:
         return d / np.linalg.norm(d, axis=-1, keepdims=True)
 
     def sin_to_rays(self, points: np.ndarray, tangents: np.ndarray) -> np.ndarray:
-        """|sin| of the angle between each unit tangent (N, 3) and the ray through its point.
+        """|sin| of the angle between each unit tangent (…, 3) and the ray through its point.
 
         A tube seen at angle φ to its axis is crossed over 2·√(r²−ρ²)/sin φ: foreshortened
         vessels look darker, as in real angiograms.
         """
         rays = np.asarray(points, np.float64) - self.source
-        rays /= np.linalg.norm(rays, axis=1, keepdims=True)
-        return np.linalg.norm(np.cross(tangents, rays), axis=1)
+        rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
+        return np.linalg.norm(np.cross(tangents, rays), axis=-1)
 
     def bbox(self, corners: np.ndarray, pad: float = 1.0) -> tuple[int, int, int, int] | None:
         """Pixel box (r0, r1, c0, c1), end-exclusive, holding the projection of ``corners``;

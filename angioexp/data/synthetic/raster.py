@@ -207,7 +207,7 @@ def rasterize(
 
 def _sum_of_tube_maxima(pair: np.ndarray, chord: np.ndarray, n_pixels: int) -> np.ndarray:
     """Per pixel, Σ over tubes of the max over that tube's capsules. ``pair`` = tube·n + pixel."""
-    order = np.argsort(pair, kind="stable")
+    order = np.argsort(pair)  # equal pairs collapse below, so stability does not matter
     pair = pair[order]
     starts = np.flatnonzero(np.concatenate([[True], pair[1:] != pair[:-1]]))
     maxima = np.maximum.reduceat(chord[order], starts)

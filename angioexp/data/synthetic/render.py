@@ -84,12 +84,13 @@ class RenderedCase:
 
 
 def _tangents(points: np.ndarray) -> np.ndarray:
-    t = np.gradient(points, axis=0)
-    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-9)
+    t = np.gradient(points, axis=-2)
+    return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-9)
 
 
 def _project_tube(carm: CArm, points: np.ndarray, radius_mm: np.ndarray, shift: np.ndarray):
-    """Project a 3D tube; returns col, row, radius px, weight (mm of lumen per px of chord)."""
+    """Project a 3D tube (points (N, 3), or (M, N, 3) for M tubes at once); returns col, row,
+    radius px, weight (mm of lumen per px of chord)."""
     pts = points + shift
     col, row, mag = carm.project(pts)
     radius = radius_mm * mag / carm.pixel_mm
@@ -191,11 +192,12 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
     for ped in th.pedicles:
         add(ped, MU_BONE_EXTRA + 0.3 * MU_CORTEX_EXTRA)
 
-    # Ribs: bone tubes with a cortical shell (a hollow profile: bone minus the marrow's cortex
-    # deficit inside 72% of the radius), in one raster pass.
+    # Ribs: bone tubes with a cortical shell (outer minus inner, each a per-rib maximum: the
+    # maximum of a hollow profile would favour the capsule whose axis is farther), one pass.
     ribs = []
-    for rib in th.ribs:
-        col, row, radius, weight = _project_tube(lo, rib, np.full(len(rib), th.rib_radius), shift)
+    centrelines = np.stack(th.ribs)  # every rib has the same number of points: project at once
+    projected = _project_tube(lo, centrelines, np.full(centrelines.shape[:2], th.rib_radius), shift)
+    for col, row, radius, weight in zip(*projected):
         reach = float(radius.max())
         if col.max() < -reach or col.min() > size + reach or row.max() < -reach or row.min() > size + reach:
             continue
@@ -204,9 +206,9 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
         c, r, rad, w = (np.interp(at, idx, v) for v in (col, row, radius, weight))
         ribs.append(Tube2D(c, r, rad, w))
     if ribs:
-        cortex_share = MU_CORTEX_EXTRA / (MU_BONE_EXTRA + MU_CORTEX_EXTRA)
-        bone = rasterize(ribs, (size, size), inner_fraction=0.72, inner_weight=cortex_share).value
-        att += (RIB_FLATNESS * (MU_BONE_EXTRA + MU_CORTEX_EXTRA)) * bone
+        bone = rasterize(ribs, (size, size), inner_fraction=0.72, with_inner=True)
+        att += (RIB_FLATNESS * (MU_BONE_EXTRA + MU_CORTEX_EXTRA)) * bone.value
+        att -= (RIB_FLATNESS * MU_CORTEX_EXTRA) * bone.inner
     # Scatter and the focal spot soften every anatomical edge by a few mm.
     att = ndi.gaussian_filter(att, 1.5 / lo.iso_pixel_mm, mode="nearest")
     if factor == 1:
@@ -241,7 +243,8 @@ def _catheter(carm: CArm, patient: Patient, system: str, shift: np.ndarray, rng:
 
 def _collimation(size: int, rng: np.random.Generator, knobs: RenderKnobs) -> tuple[np.ndarray, np.ndarray]:
     """Extra attenuation of shutters / a circular field, and the visible-field mask."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    pixel = np.arange(size, dtype=np.float32)
+    yy, xx = pixel[:, None], pixel[None, :]  # broadcast: no full coordinate grids
     blocked = np.zeros((size, size), np.float32)  # 0 in the field, → 1 under a shutter
     soft = max(size / 512.0, 0.5)
     if rng.random() < knobs.circle_prob:
@@ -282,6 +285,20 @@ def _blur3(img: np.ndarray, passes: int = 1) -> np.ndarray:
     return img
 
 
+def _blur3_sparse(img: np.ndarray, passes: int = 1) -> np.ndarray:
+    """:func:`_blur3` of a layer that is zero outside a small region (vessels, catheter): only
+    its bounding box (plus the blur's reach) is filtered; the result is the same."""
+    rows, cols = np.nonzero(img.any(axis=1))[0], np.nonzero(img.any(axis=0))[0]
+    if not len(rows):
+        return img.copy()
+    pad = passes + 1
+    r0, r1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, img.shape[0])
+    c0, c1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, img.shape[1])
+    out = np.zeros_like(img)
+    out[r0:r1, c0:c1] = _blur3(img[r0:r1, c0:c1], passes)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # One acquisition
 
@@ -311,11 +328,11 @@ def render_case(
     sdf, owner = raster.signed_distance(), raster.owner()
     blur_passes = max(1, int(round(size / 512.0)))
     # mm of opacified lumen along each ray, seen through the detector's blur (focal spot + MTF).
-    iodine = _blur3(raster.value, blur_passes)
+    iodine = _blur3_sparse(raster.value, blur_passes)
 
     body = _body_attenuation(carm, patient, shift, rng)
     cath_wall, cath_lumen, cath_mask, cath_arc = _catheter(carm, patient, system, shift, rng)
-    cath_wall, cath_lumen = _blur3(cath_wall, blur_passes), _blur3(cath_lumen, blur_passes)
+    cath_wall, cath_lumen = _blur3_sparse(cath_wall, blur_passes), _blur3_sparse(cath_lumen, blur_passes)
     shutter, visible = _collimation(size, rng, knobs)
     static = (body + cath_wall + shutter).ravel()
 
@@ -371,7 +388,8 @@ def render_case(
         return np.minimum(np.sqrt(counts + sigma_e2) / counts, MAX_LOG_NOISE)
 
     # One window for the whole run, from the noise-free annotated frame (as a cath lab does).
-    peak_display = (attenuation(frame_index)[0] - drc).reshape(size, size)
+    peak = attenuation(frame_index)
+    peak_display = (peak[0] - drc).reshape(size, size)
     inside = peak_display[visible] if visible.any() else peak_display.ravel()
     lo, hi = np.percentile(inside, [0.5, 99.7])
     hi = hi + 0.1 * (hi - lo)  # keep the darkest vessel cores just off black
@@ -381,14 +399,18 @@ def render_case(
     lut = np.rint(top * np.linspace(0.0, 1.0, 4096) ** gamma).astype(dtype)
     k = 4095.0 / (hi - lo)
     level_offset = ((hi + drc) * k).astype(np.float32)  # level = (hi − (att + noise − drc))·k
-    std_static = log_noise_std(static).astype(np.float32)
+    # Static pixels' noise once per run (a single frame computes its own in one pass).
+    std_static = log_noise_std(static).astype(np.float32) if frames > 1 else None
     unit = np.float32(np.sqrt(12.0))
 
     out = np.empty((frames, size, size), dtype)
     for t in range(frames):
-        att, changed = attenuation(t)
-        std = std_static.copy()
-        std[changed] = log_noise_std(att[changed])
+        att, changed = (peak[0].copy(), peak[1]) if t == frame_index else attenuation(t)
+        if std_static is None:
+            std = log_noise_std(att).astype(np.float32)
+        else:
+            std = std_static.copy()
+            std[changed] = log_noise_std(att[changed])
         # Quantum + detector noise in the log domain (exact to first order in 1/√N), correlated
         # by the scintillator blur. Uniform variates with unit variance: the blur sums nine of
         # them, which makes the result Gaussian (and is 3× cheaper than normal variates).
