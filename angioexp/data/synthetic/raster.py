@@ -207,6 +207,10 @@ def rasterize(
 
 def _sum_of_tube_maxima(pair: np.ndarray, chord: np.ndarray, n_pixels: int) -> np.ndarray:
     """Per pixel, Σ over tubes of the max over that tube's capsules. ``pair`` = tube·n + pixel."""
+    if pair.max() < n_pixels:  # one tube (a catheter): a plain scatter-max, no sort
+        out = np.zeros(n_pixels, np.float32)
+        np.maximum.at(out, pair, chord.astype(np.float32))
+        return out
     order = np.argsort(pair)  # equal pairs collapse below, so stability does not matter
     pair = pair[order]
     starts = np.flatnonzero(np.concatenate([[True], pair[1:] != pair[:-1]]))

@@ -32,7 +32,15 @@ from angioexp.data.synthetic.anatomy import Branch, Patient, catheter_path
 from angioexp.data.synthetic.labels import MIN_MASK_RADIUS_PX, CapsuleTable, smooth_noise
 from angioexp.data.synthetic.motion import plan_bolus, plan_motion, splat
 from angioexp.data.synthetic.projection import CArm, RayGrid
-from angioexp.data.synthetic.raster import Raster, Tube2D, rasterize, resample_polyline, zoom_linear
+from angioexp.data.synthetic.raster import (
+    KEY_ID_BITS,
+    NO_KEY,
+    Raster,
+    Tube2D,
+    rasterize,
+    resample_polyline,
+    zoom_linear,
+)
 
 # Linear attenuation (1/mm) at an effective energy of ~60 keV, relative to water-like tissue.
 MU_TISSUE = 0.020
@@ -201,7 +209,8 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
         reach = float(radius.max())
         if col.max() < -reach or col.min() > size + reach or row.max() < -reach or row.min() > size + reach:
             continue
-        at = resample_polyline(col, row, max(1.0, 0.5 * float(radius.mean())))
+        # Capsules one radius long: a rib bends over ~10 cm, so the chords' sagitta is < 0.1 px.
+        at = resample_polyline(col, row, max(1.0, float(radius.mean())))
         idx = np.arange(len(col), dtype=float)
         c, r, rad, w = (np.interp(at, idx, v) for v in (col, row, radius, weight))
         ribs.append(Tube2D(c, r, rad, w))
@@ -233,11 +242,11 @@ def _catheter(carm: CArm, patient: Patient, system: str, shift: np.ndarray, rng:
         [tube], (size, size), inner_fraction=lumen_frac, inner_weight=1.0, with_inner=True, with_key=True, margin=0.0
     )
     lumen = wall.inner
-    owner = wall.owner()
-    silhouette = (wall.signed_distance() <= 0.0) & (owner >= 0)
+    # With no margin, a pixel has a key exactly where it lies inside the catheter.
+    silhouette = wall.key != NO_KEY
     tip_mm = np.full((size, size), np.inf, np.float32)
     mids = 0.5 * (a_mm[1:] + a_mm[:-1])
-    tip_mm[silhouette] = mids[owner[silhouette]]
+    tip_mm[silhouette] = mids[wall.key[silhouette] & ((1 << KEY_ID_BITS) - 1)]
     return MU_CATHETER_WALL * wall.value, lumen, silhouette, tip_mm
 
 
@@ -382,10 +391,14 @@ def render_case(
 
     def log_noise_std(att: np.ndarray) -> np.ndarray:
         """Std of the log image: Poisson counts N (variance N) + detector noise σe²."""
-        counts = quanta * np.exp(ref - att)
+        counts = np.exp(ref - att)
+        counts *= quanta
+        std = counts + sigma_e2
+        np.sqrt(std, out=std)
+        std /= counts
         # Capped where almost nothing gets through (shutters): the log of a few quanta is
         # bounded, and first-order noise would overshoot there.
-        return np.minimum(np.sqrt(counts + sigma_e2) / counts, MAX_LOG_NOISE)
+        return np.minimum(std, MAX_LOG_NOISE, out=std)
 
     # One window for the whole run, from the noise-free annotated frame (as a cath lab does).
     peak = attenuation(frame_index)
