@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.interpolate import CubicSpline, PchipInterpolator
+from scipy.interpolate import CubicSpline
 
 from angioexp.data.synthetic.projection import Cylinder, Ellipsoid
 from angioexp.segments import BY_SLUG
@@ -136,6 +136,35 @@ def _resample(points: np.ndarray, extra: np.ndarray | None = None, step: float =
     return out, ex
 
 
+def _pchip(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Monotone piecewise-cubic (PCHIP, Fritsch–Butland slopes) interpolation of the columns of
+    ``y`` (n, k) at ``at``: the same curve as ``scipy.interpolate.PchipInterpolator``, without
+    its per-call set-up, which dominated a patient's ~20 curves."""
+    h = np.diff(x)[:, None]
+    m = np.diff(y, axis=0) / h
+    d = np.zeros_like(y)
+    if len(x) == 2:
+        d[:] = m
+    else:
+        w1, w2 = 2 * h[1:] + h[:-1], h[1:] + 2 * h[:-1]
+        flat = (np.sign(m[1:]) != np.sign(m[:-1])) | (m[1:] == 0) | (m[:-1] == 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            harmonic = (w1 + w2) / (w1 / m[:-1] + w2 / m[1:])
+        d[1:-1] = np.where(flat, 0.0, harmonic)
+        for end, (h0, h1, m0, m1) in ((0, (h[0], h[1], m[0], m[1])), (-1, (h[-1], h[-2], m[-1], m[-2]))):
+            slope = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+            slope = np.where(np.sign(slope) != np.sign(m0), 0.0, slope)
+            overshoot = (np.sign(m0) != np.sign(m1)) & (np.abs(slope) > 3 * np.abs(m0))
+            d[end] = np.where(overshoot, 3 * m0, slope)
+    i = np.clip(np.searchsorted(x, at, side="right") - 1, 0, len(x) - 2)
+    t = ((at - x[i]) / h[i, 0])[:, None]
+    hi = h[i]
+    return (
+        (2 * t**3 - 3 * t**2 + 1) * y[i] + (t**3 - 2 * t**2 + t) * hi * d[i]
+        + (3 * t**2 - 2 * t**3) * y[i + 1] + (t**3 - t**2) * hi * d[i + 1]
+    )
+
+
 def _wiggle(rng: np.random.Generator, arc: np.ndarray, amplitude_mm: float) -> np.ndarray:
     """Smooth random lateral displacement (mm) along ``arc``: three sinusoids, 10–40 mm long."""
     out = np.zeros_like(arc)
@@ -167,7 +196,7 @@ class TreeBuilder:
         knots = np.concatenate([[0.0], np.cumsum(gaps)])
         n = max(int(knots[-1] / 0.25), 8)
         tau = np.linspace(0.0, knots[-1], n)
-        s, th = PchipInterpolator(knots, np.stack([s_c, th_c], axis=1))(tau).T  # one spline, both columns
+        s, th = _pchip(knots, np.stack([s_c, th_c], axis=1), tau).T
         # Lateral tortuosity: displace along the in-surface normal of the curve, in mm.
         r = np.maximum(self.frame.ring_radius(s), 5.0)
         a_mm, b_mm = s * self.frame.length, th * r

@@ -96,13 +96,14 @@ def _tangents(points: np.ndarray) -> np.ndarray:
     return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-9)
 
 
-def _project_tube(carm: CArm, points: np.ndarray, radius_mm: np.ndarray, shift: np.ndarray):
-    """Project a 3D tube (points (N, 3), or (M, N, 3) for M tubes at once); returns col, row,
-    radius px, weight (mm of lumen per px of chord)."""
+def _project_tube(carm: CArm, points: np.ndarray, radius_mm: np.ndarray, shift: np.ndarray, tangents=None):
+    """Project a 3D tube (points (N, 3), or (M, N, 3) for M tubes at once; several tubes
+    concatenated need their own ``tangents``); returns col, row, radius px, weight (mm of lumen
+    per px of chord)."""
     pts = points + shift
     col, row, mag = carm.project(pts)
     radius = radius_mm * mag / carm.pixel_mm
-    sin_phi = carm.sin_to_rays(pts, _tangents(pts))
+    sin_phi = carm.sin_to_rays(pts, _tangents(pts) if tangents is None else tangents)
     weight = (carm.pixel_mm / mag) / np.maximum(sin_phi, 1.0 / MAX_OBLIQUITY)
     return col, row, radius, weight
 
@@ -112,17 +113,28 @@ def _vessel_tubes(carm: CArm, tree: list[Branch], shift: np.ndarray):
     tubes: list[Tube2D] = []
     cols = {k: [] for k in ("branch", "label", "arc_mm", "diameter_mm", "path_mm")}
     next_id = 0
-    for b, br in enumerate(tree):
-        arc = br.arc
+    starts = []
+    for br in tree:
         start = 0
         if br.parent >= 0:
             # Skip the stretch still inside the parent's lumen: no double iodine at take-offs.
             r_parent = 0.5 * tree[br.parent].diameters[br.origin_index]
             away = np.linalg.norm(br.points - br.points[0], axis=1) > 0.8 * r_parent
-            start = int(np.argmax(away)) if away.any() else len(arc) - 1
-        if len(arc) - start < 2:
-            continue
-        col, row, radius, weight = _project_tube(carm, br.points[start:], 0.5 * br.diameters[start:], shift)
+            start = int(np.argmax(away)) if away.any() else len(br.points) - 1
+        starts.append(start)
+    kept = [b for b, br in enumerate(tree) if len(br.points) - starts[b] >= 2]
+    # One projection for the whole tree: per-branch calls were dominated by call overhead.
+    projected = _project_tube(
+        carm,
+        np.concatenate([tree[b].points[starts[b]:] for b in kept]),
+        np.concatenate([0.5 * tree[b].diameters[starts[b]:] for b in kept]),
+        shift,
+        tangents=np.concatenate([_tangents(tree[b].points[starts[b]:]) for b in kept]),
+    )
+    bounds = np.cumsum([len(tree[b].points) - starts[b] for b in kept])[:-1]
+    for b, col, row, radius, weight in zip(kept, *(np.split(v, bounds) for v in projected)):
+        br, start = tree[b], starts[b]
+        arc = br.arc
         step = np.clip(1.5 * radius, 1.0, 6.0)  # capsule length: curvature error < 0.2 px
         at = resample_polyline(col, row, step)
         if len(at) < 2:
