@@ -206,10 +206,12 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
         att[r0:r1, c0:c1] -= LUNG_AIR_FRACTION * MU_TISSUE * ((t1 - t0) - overlap) * texture[r0:r1, c0:c1]
     if th.gas_bubble is not None:
         add(th.gas_bubble, -0.6 * MU_TISSUE)
-    for vb in th.vertebrae:
+    # Most of the spine lies outside the field: skip those solids with one projection of all
+    # their corners instead of one bounding-box test each.
+    for vb in _maybe_in_view(lo, th.vertebrae, shift):
         add(vb, MU_BONE_EXTRA + 0.8 * MU_CORTEX_EXTRA)
         add(vb.shrunk(2.0, 1.5), -0.8 * MU_CORTEX_EXTRA)  # ~2 mm cortex, denser endplates
-    for ped in th.pedicles:
+    for ped in _maybe_in_view(lo, th.pedicles, shift):
         add(ped, MU_BONE_EXTRA + 0.3 * MU_CORTEX_EXTRA)
 
     # Ribs: bone tubes with a cortical shell (outer minus inner, each a per-rib maximum: the
@@ -235,6 +237,16 @@ def _body_attenuation(carm: CArm, patient: Patient, shift: np.ndarray, rng: np.r
     if factor == 1:
         return att
     return zoom_linear(att, factor, (carm.size, carm.size), grid_mode=True)
+
+
+def _maybe_in_view(carm: CArm, solids: list, shift: np.ndarray) -> list:
+    """The solids whose shadow's bounding box (as in ``CArm.bbox``) can touch the image."""
+    if not solids:
+        return []
+    col, row, _ = carm.project(np.stack([solid.corners() for solid in solids]) + shift)
+    edge = carm.size + 1.0  # CArm.bbox pads by 1 px
+    keep = (col.max(axis=1) > -2.0) & (col.min(axis=1) < edge) & (row.max(axis=1) > -2.0) & (row.min(axis=1) < edge)
+    return [solid for solid, k in zip(solids, keep) if k]
 
 
 def _catheter(carm: CArm, patient: Patient, system: str, shift: np.ndarray, rng: np.random.Generator):
@@ -287,7 +299,7 @@ def _drc_field(att: np.ndarray, sigma_px: float, strength: float) -> np.ndarray:
     coarse = att.reshape(size // f, f, size // f, f).mean(axis=(1, 3))
     low = ndi.gaussian_filter(coarse, sigma_px / f, mode="nearest")
     up = zoom_linear(low, f, (size, size), grid_mode=True)
-    return strength * (up - np.median(up))
+    return strength * (up - np.median(low))  # a constant: the display window absorbs it anyway
 
 
 def _blur3(img: np.ndarray, passes: int = 1) -> np.ndarray:
