@@ -1,5 +1,5 @@
 """The generator's fast paths give what the general code they replace gives: separable linear
-upsampling vs ``scipy.ndimage.zoom``, PCHIP vs scipy's, the one-pass inner raster, the sparse
+upsampling vs ``scipy.ndimage.zoom``, PCHIP and the natural cubic spline vs scipy's, the one-pass inner raster, the sparse
 blur and the field-of-view prefilter. (Their speed is a bench figure: ``angioexp.bench.data``.)"""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
-from scipy.interpolate import PchipInterpolator
+from scipy.interpolate import CubicSpline, PchipInterpolator
 
-from angioexp.data.synthetic.anatomy import _pchip, make_patient
+from angioexp.data.synthetic.anatomy import _natural_cubic, _pchip, make_patient
 from angioexp.data.synthetic.projection import CArm
 from angioexp.data.synthetic.raster import Tube2D, rasterize, zoom_linear
 from angioexp.data.synthetic.render import _blur3, _blur3_sparse, _maybe_in_view
@@ -35,6 +35,16 @@ def test_pchip_matches_scipy_including_flat_and_turning_points():
             y[rng.random(n) < 0.25] = 0.0  # zero slopes and sign changes
             at = np.linspace(0.0, x[-1], 101)
             np.testing.assert_allclose(_pchip(x, y, at), PchipInterpolator(x, y)(at), atol=1e-12)
+
+
+def test_natural_cubic_matches_scipy():
+    rng = np.random.default_rng(1)
+    for n in (3, 4, 7):
+        x = np.concatenate([[0.0], np.cumsum(rng.uniform(1.0, 80.0, n - 1))])
+        y = rng.normal(0, 50, size=(n, 3))
+        at = np.linspace(0.0, x[-1], 333)
+        expected = CubicSpline(x, y, bc_type="natural")(at)
+        np.testing.assert_allclose(_natural_cubic(x, y, at), expected, atol=1e-9 * np.abs(y).max())
 
 
 def test_inner_raster_of_one_pass_equals_a_separate_raster_of_the_inner_radius():
