@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from angioexp.data.synthetic.raster import zoom_linear
 from angioexp.segments import BY_SLUG
