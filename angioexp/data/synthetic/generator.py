@@ -259,7 +259,7 @@ def _run_patient(task: _PatientTask) -> list[dict]:
             "dominance": patient.dominance,
             **paths,
         }
-        labels_present = sorted(int(v) for v in np.unique(segments) if v)
+        labels_present = [int(v) for v in np.flatnonzero(np.bincount(segments.ravel(), minlength=256)) if v]
         results.append(
             {
                 "row": row,

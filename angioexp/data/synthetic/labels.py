@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from angioexp.data.synthetic.raster import zoom_linear
 from angioexp.segments import BY_SLUG
 
 CATHETER_LABEL = BY_SLUG["catheter"].label
@@ -84,7 +84,7 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) ->
     """Unit-variance noise correlated over ~``cell`` px (coarse grid, bilinear upsampling)."""
     h, w = shape
     coarse = rng.standard_normal((h // cell + 2, w // cell + 2)).astype(np.float32)
-    field = ndi.zoom(coarse, cell, order=1, prefilter=False)[:h, :w]
+    field = zoom_linear(coarse, cell, (h, w), grid_mode=False)
     field -= field.mean()
     return field / max(float(field.std()), 1e-6)
 
@@ -115,13 +115,16 @@ def pseudo_label(
     if model.target_dice >= 1.0:
         target = 1.0
     n_branches = len(parents)
-    has = owner >= 0
+    owned = np.flatnonzero(owner.ravel() >= 0)  # pixels near some capsule (flat indices)
+    owned_by = owner.ravel()[owned]
 
     # --- structural errors, each a set of pixels (droppable one by one) -------------------------
-    components: list[tuple[str, bool, np.ndarray]] = []  # (kind, is_addition, pixels)
+    # Pixels are flat index arrays: the calibration below re-applies them many times, and
+    # touching only their pixels is much cheaper than whole-image boolean operations.
+    components: list[tuple[str, bool, np.ndarray]] = []  # (kind, is_addition, flat pixel indices)
 
     def removed_pixels(dead_capsule: np.ndarray) -> np.ndarray:
-        return has & dead_capsule[np.where(has, owner, 0)]
+        return owned[dead_capsule[owned_by]]
 
     # Missed thin distal vessels: cut each chosen branch where it narrows below the threshold,
     # together with everything that leaves it beyond the cut.
@@ -141,7 +144,7 @@ def pseudo_label(
                 gone_from_start[b] = gone_from_start[parent] or at_mm > cut[parent]
         dead = gone_from_start[capsules.branch] | (capsules.arc_mm > cut[capsules.branch])
         pix = removed_pixels(dead)
-        if pix.any():
+        if len(pix):
             components.append(("missed_distal", False, pix))
 
     # Broken segments: short gaps, more likely on thin vessels.
@@ -154,7 +157,7 @@ def pseudo_label(
         half = 0.5 * rng.uniform(*model.gap_mm)
         dead = (capsules.branch == capsules.branch[k]) & (np.abs(capsules.arc_mm - capsules.arc_mm[k]) < half)
         pix = removed_pixels(dead)
-        if pix.any():
+        if len(pix):
             components.append(("gap", False, pix))
 
     # Spurious blobs near the vessels (branch-like false positives on nearby shadows).
@@ -176,15 +179,14 @@ def pseudo_label(
         stretch = rng.uniform(1.0, 2.5)
         u, v = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang), -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
         inside = (u / stretch) ** 2 + v**2 < (radius * (1.0 + 0.35 * noise[r0:r1, c0:c1])) ** 2
-        pix = np.zeros_like(clean)
-        pix[r0:r1, c0:c1] = inside
-        if pix.any():
+        pix = (yy * clean.shape[1] + xx)[inside]
+        if len(pix):
             components.append(("blob", True, pix))
 
     # The catheter tip, which vessel segmentation networks readily call vessel.
     if catheter_arc is not None and rng.random() < model.catheter_prob:
-        pix = catheter_arc < rng.uniform(10.0, 45.0)
-        if pix.any():
+        pix = np.flatnonzero(catheter_arc < rng.uniform(10.0, 45.0))
+        if len(pix):
             components.append(("catheter", True, pix))
 
     # --- boundary jitter and calibration --------------------------------------------------------
@@ -199,9 +201,10 @@ def pseudo_label(
 
     def assemble(t: float) -> np.ndarray:
         base = (sdf + amplitude * jitter) <= t
+        flat = base.reshape(-1)
         for j in np.nonzero(active)[0]:
             kind, is_add, pix = components[j]
-            base = (base | pix) if is_add else (base & ~pix)
+            flat[pix] = is_add
         return base
 
     # Too many errors for this case's target: drop some (random order), then soften the jitter.

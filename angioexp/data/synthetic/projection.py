@@ -13,6 +13,7 @@ puts the spine on the image right, toward the right (RAO) on the image left, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -46,25 +47,25 @@ class CArm:
     size: int  # detector pixels per side
     sod_mm: float = SOURCE_ISOCENTRE_MM
 
-    # --- axes -------------------------------------------------------------------------------
-    @property
+    # --- axes (cached: every projection reads them, and np.cross on one vector is slow) -------
+    @cached_property
     def beam(self) -> np.ndarray:
         """(3,) unit vector from the source through the isocentre to the detector."""
         a, b = np.radians(self.primary_deg), np.radians(self.secondary_deg)
         return np.array([np.sin(a) * np.cos(b), -np.cos(a) * np.cos(b), np.sin(b)])
 
-    @property
+    @cached_property
     def col_axis(self) -> np.ndarray:
         """(3,) unit vector along increasing image column (stays horizontal: no C-arm roll)."""
         a = np.radians(self.primary_deg)
         return np.array([np.cos(a), np.sin(a), 0.0])
 
-    @property
+    @cached_property
     def row_axis(self) -> np.ndarray:
         """(3,) unit vector along increasing image row (toward the feet at secondary 0)."""
         return np.cross(self.col_axis, self.beam)
 
-    @property
+    @cached_property
     def source(self) -> np.ndarray:
         return -self.sod_mm * self.beam
 
@@ -111,14 +112,14 @@ class CArm:
         return d / np.linalg.norm(d, axis=-1, keepdims=True)
 
     def sin_to_rays(self, points: np.ndarray, tangents: np.ndarray) -> np.ndarray:
-        """|sin| of the angle between each unit tangent (N, 3) and the ray through its point.
+        """|sin| of the angle between each unit tangent (…, 3) and the ray through its point.
 
         A tube seen at angle φ to its axis is crossed over 2·√(r²−ρ²)/sin φ: foreshortened
         vessels look darker, as in real angiograms.
         """
         rays = np.asarray(points, np.float64) - self.source
-        rays /= np.linalg.norm(rays, axis=1, keepdims=True)
-        return np.linalg.norm(np.cross(tangents, rays), axis=1)
+        rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
+        return np.linalg.norm(np.cross(tangents, rays), axis=-1)
 
     def bbox(self, corners: np.ndarray, pad: float = 1.0) -> tuple[int, int, int, int] | None:
         """Pixel box (r0, r1, c0, c1), end-exclusive, holding the projection of ``corners``;
