@@ -68,6 +68,9 @@ CHANGES = [
 UNSUPPORTED = {
     "model.": "the core model's architecture (SAM3's is fixed)",
     "loss.view.": "SAM3 has no view head",
+    "loss.identity.": "the dense segment-identity loss belongs to the core model's identity head (model.identity_head)",
+    "eval.tree_labelling": "tree-aware labelling post-processes the core model's segment-identity output",
+    "data.rare_segment_power": "the rare-segment frame sampler is the core backend's; SAM3's loader draws every image once per epoch",
     "train.ema_decay": "SAM3's trainer keeps no weight average",
     "train.budget_minutes": "SAM3's trainer is epoch based and cannot stop on a wall-clock budget; use train.max_steps",
     "scratch.crop_size": "random crops are a core-backend augmentation; the sam3 backend resizes whole images "
