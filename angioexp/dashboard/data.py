@@ -29,7 +29,10 @@ DASHBOARD_EXPERIMENT = "angioexp-dashboards"
 
 # Headline validation metrics, in display order (DESIGN §6 + the vessel-grade ones of §4b).
 HEADLINE = ("val/AP75_tol", "val/AP75", "val/AP_tol", "val/AP", "val/AP50", "val/dice", "val/cldice", "val/biou",
-            "val/semantic/dice", "val/dice_mean_segments", "val/semantic/dice_mean_segments")
+            "val/semantic/dice", "val/dice_mean_segments", "val/semantic/dice_mean_segments",
+            # Stage 2 headline with its reference points (angioexp.evaluate.segments)
+            "val/segments/dice_common", "val/segments/floor_common", "val/segments/ceiling_common",
+            "val/segments/arcade_mean_f1")
 EVAL_DIR = "eval"  # MlflowCallback logs each evaluation under eval/step_NNNNNN/
 NAN_EVENTS_FILE = "nan_events.json"
 LOAD_REPORT_FILE = "init/load_report.json"

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 # Headline validation metrics, in the order they are drawn.
-VAL_HEADLINE = ("val/AP75_tol", "val/AP75", "val/AP", "val/AP50", "val/dice", "val/cldice", "val/biou")
+VAL_HEADLINE = ("val/AP75_tol", "val/AP75", "val/AP", "val/AP50", "val/dice", "val/cldice", "val/biou",
+                "val/segments/dice_common")
 
 History = dict[str, list[tuple[int, float]]]  # metric name → [(step, value), ...]
 
