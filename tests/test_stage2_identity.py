@@ -218,3 +218,38 @@ def test_evaluate_cli_reports_stage2_segment_figures(coco_stage2, tmp_path, caps
     assert metrics["segments/arcade_mean_f1"] == pytest.approx(1.0)
     assert 0.05 < metrics["segments/floor_common"] < 0.5
     assert (tmp_path / "ev" / "segments" / "per_segment.csv").is_file()
+
+
+@pytest.mark.parametrize("tree_labelling", [False, True])
+def test_identity_outputs_semantic_masks_and_their_pieces(tree_labelling):
+    """Semantic results partition the vessel pixels of the label map; instances are pieces of them."""
+    from types import SimpleNamespace
+
+    from angioexp.evaluate.rle import decode
+    from angioexp.model.build import build_model
+    from angioexp.model.prompt_encoder import PromptTokenizer
+    from angioexp.train.inference import predict_identity_batch
+
+    cfg = load_config(None, ["model.encoder_channels=[8,8,16,16]", "model.d_model=32", "seed=3"], stage=2)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a strong, position-dependent output from a random model
+        model.transformer.identity.fine.layers[-1].weight.mul_(40)
+    category_ids = [1, 2, 3, 26]
+    texts = PromptTokenizer().batch(["proximal right coronary artery", "mid right coronary artery",
+                                     "distal right coronary artery", "catheter"])
+    images = torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8)
+    batch = SimpleNamespace(images=images, queries=SimpleNamespace(views=torch.tensor([0, 1])), image_ids=[11, 12])
+    semantic, maps = [], {}
+    instances = predict_identity_batch(model, batch, [(96, 96), (64, 64)], texts, category_ids, min_score=0.0,
+                                       semantic_out=semantic, label_maps_out=maps, tree_labelling=tree_labelling)
+    assert set(maps) == {11, 12} and maps[11].shape == (96, 96)  # at each frame's own size
+    assert semantic, "a random model still labels some pixels"
+    for result in semantic:
+        mask = decode(result["segmentation"])
+        assert np.array_equal(mask, maps[result["image_id"]] == result["category_id"])
+        pieces = [decode(r["segmentation"]) for r in instances
+                  if (r["image_id"], r["category_id"]) == (result["image_id"], result["category_id"])]
+        for piece in pieces:
+            assert not (piece & ~mask).any()
+        assert all(r["score"] <= result["score"] + 1e-9 for r in instances
+                   if (r["image_id"], r["category_id"]) == (result["image_id"], result["category_id"]))

@@ -127,8 +127,9 @@ def predict_identity_batch(model, batch, sizes: list[tuple[int, int]], class_tex
         if tree_labelling:
             from angioexp.postprocess.tree_labels import label_tree
 
-            best = label_tree(probs.cpu().numpy(), category_ids)
-            best_prob = np.take_along_axis(probs.cpu().numpy(), best[None], axis=0)[0]
+            probs = probs.cpu().numpy()
+            best = label_tree(probs, category_ids)
+            best_prob = np.take_along_axis(probs, best[None], axis=0)[0]
         if label_maps_out is not None:
             label_maps_out[int(image_id)] = ids[best]
         min_pixels = max(1, int(MIN_COMPONENT_FRACTION * best.size))
@@ -145,11 +146,13 @@ def predict_identity_batch(model, batch, sizes: list[tuple[int, int]], class_tex
                 continue
             sizes_px = np.bincount(pieces.ravel(), minlength=n + 1)
             mean_prob = np.bincount(pieces.ravel(), weights=best_prob.ravel(), minlength=n + 1) / np.maximum(sizes_px, 1)
-            for piece in range(1, n + 1):
+            for piece, window in enumerate(ndimage.find_objects(pieces), start=1):
                 piece_score = score * float(mean_prob[piece])
                 if sizes_px[piece] >= min_pixels and piece_score >= min_score:
+                    piece_mask = np.zeros_like(mask)
+                    piece_mask[window] = pieces[window] == piece
                     results.append({"image_id": int(image_id), "category_id": int(category_id),
-                                    "segmentation": _encode(pieces == piece), "score": piece_score})
+                                    "segmentation": _encode(piece_mask), "score": piece_score})
     return results
 
 
