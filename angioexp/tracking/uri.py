@@ -25,6 +25,9 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 CONNECT_TIMEOUT_S = 5.0
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` or an absolute SQLite path in the current directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
@@ -82,6 +85,15 @@ def check_tracking_server(uri: str | None = None, timeout: float = CONNECT_TIMEO
                 raise InputError(f"folder of the SQLite tracking store does not exist: {folder}", key="MLFLOW_TRACKING_URI")
             if not os.access(folder, os.W_OK):
                 raise InputError(f"folder of the SQLite tracking store is not writable: {folder}", key="MLFLOW_TRACKING_URI")
+            db = Path(db_path).expanduser()
+            if db.is_dir():
+                raise InputError("the SQLite tracking store is a folder, not a database file", file=db, key="MLFLOW_TRACKING_URI")
+            if db.is_file() and db.stat().st_size:
+                with open(db, "rb") as handle:
+                    header = handle.read(len(SQLITE_HEADER))
+                if header != SQLITE_HEADER:
+                    raise InputError("not an SQLite database (point MLFLOW_TRACKING_URI at an MLflow database, "
+                                     "or at a new file name to create one)", file=db, key="MLFLOW_TRACKING_URI")
     elif parsed.scheme in ("", "file"):
         raise InputError(
             f"'{uri}' is a plain file store, which MLflow 3 no longer uses by default; "

@@ -37,7 +37,7 @@ from pycocotools import mask as mask_utils
 from angioexp.data.importers import read_gray, safe_case_id, write_study
 from angioexp.data.schema import SPLITS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, resolve_under
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs, resolve_under
 from angioexp.segments import BY_SYNTAX
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ def _import_split(split_dir: Path, target: str, out: Path, report: dict) -> list
 def import_arcade(root: str | Path, out_dir: str | Path, *, split_map: str | dict | None = None,
                   overwrite: bool = False) -> Path:
     """Convert ARCADE's syntax task under ``root`` to an index.csv study in ``out_dir``."""
+    refuse_output_over_inputs(out_dir, [root])
     syntax = find_syntax_root(Path(root).resolve())
     mapping = split_map if isinstance(split_map, dict) else parse_split_map(split_map)
     report: dict = {"importer": "arcade", "version": IMPORTER_VERSION, "source": str(syntax),
