@@ -18,7 +18,7 @@ from typing import Iterator
 from angioexp.errors import InputError, OutputError
 
 # errno values that mean "this location cannot take the output", not a bug
-_REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR, errno.EISDIR}
 
 
 def refuse_output_over_inputs(out: str | Path, inputs=(), *, option: str = "--out") -> Path:

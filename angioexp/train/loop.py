@@ -359,7 +359,8 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
         elif isinstance(exc, KeyboardInterrupt) and last_ckpt != steps_done:
             # Ctrl-C / SIGTERM: keep the finished steps so that --resume continues from here
             checkpoint(steps_done)
-            log.info("interrupted after step %d: checkpoint written; --resume continues from it", steps_done)
+        if isinstance(exc, KeyboardInterrupt) and dist.is_main and (out_dir / "checkpoints" / "last.pt").is_file():
+            exc.args = (f"stopped after step {steps_done}, checkpoint kept; `angioexp train --resume {out_dir}` continues",)
         dist.close()
         raise
     bar.close()
