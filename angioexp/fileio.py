@@ -71,6 +71,18 @@ def unwritable(path: str | Path, exc: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write here ({reason}); nothing there was changed")
 
 
+def make_dirs(folder: str | Path) -> Path:
+    """``mkdir -p`` whose failures (a file in the way, no permission, read-only, full) are one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in _REFUSED_WRITES | {errno.EEXIST}:
+            raise
+        raise unwritable(folder, exc) from None
+    return folder
+
+
 def resolve_under(root: str | Path, relative: str | Path, *, file=None, row=None, column=None) -> Path:
     """Resolve ``relative`` against ``root`` and refuse anything that escapes ``root``.
 
@@ -103,8 +115,8 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             final.rmdir()
         else:
             raise InputError(f"output already exists (pass --overwrite to replace it): {final}")
+    make_dirs(final.parent)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     except OSError as exc:
         if exc.errno not in _REFUSED_WRITES:
@@ -134,8 +146,8 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 def atomic_file(final: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
     """Open a temporary sibling of ``final`` for writing; rename over ``final`` on success."""
     final = Path(final)
+    make_dirs(final.parent)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     except OSError as exc:
         if exc.errno not in _REFUSED_WRITES:

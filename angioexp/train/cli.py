@@ -88,20 +88,26 @@ def _train_untracked(args: argparse.Namespace):
             return _backend(cfg, args, resume_from=args.resume)
     cfg = build_config(args)
     out_dir = cfg.train.out_dir
-    refuse_output_over_inputs(out_dir, [cfg.data.coco_dir, args.config, cfg.init_from if cfg.init_from and "://" not in cfg.init_from else None])
+    coco_dir = None
+    if cfg.backend == "core":  # data checked (stage, splits) before the run folder exists
+        from angioexp.train.loop import resolve_coco_dir
+
+        coco_dir = resolve_coco_dir(cfg, None)
+    local_init = cfg.init_from if cfg.init_from and "://" not in cfg.init_from else None
+    refuse_output_over_inputs(out_dir, [coco_dir or cfg.data.coco_dir, args.config, local_init])
     refuse_foreign_run_folder(out_dir)
     with run_lock(out_dir):
-        return _backend(cfg, args, resume_from=None)
+        return _backend(cfg, args, resume_from=None, coco_dir=coco_dir)
 
 
-def _backend(cfg, args, *, resume_from):
+def _backend(cfg, args, *, resume_from, coco_dir=None):
     if cfg.backend == "sam3":
         from angioexp.backends.sam3.run import train_sam3
 
         return train_sam3(cfg, args)
     from angioexp.train.loop import train
 
-    return train(cfg, resume_from=resume_from)
+    return train(cfg, resume_from=resume_from, coco_dir=coco_dir)
 
 
 def run(args: argparse.Namespace) -> int:

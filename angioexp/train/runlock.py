@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from angioexp.errors import RunBusy
-from angioexp.fileio import unwritable
+from angioexp.fileio import make_dirs, unwritable
 
 LOCK_FILE = "run.lock"
 
@@ -72,8 +72,8 @@ def run_lock(out_dir: str | Path) -> Iterator[Path]:
         return
     out_dir = Path(out_dir)
     path = out_dir / LOCK_FILE
+    make_dirs(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+", encoding="utf-8")
     except OSError as exc:
         raise unwritable(out_dir, exc) from None
