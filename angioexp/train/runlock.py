@@ -26,6 +26,12 @@ from angioexp.fileio import make_dirs, unwritable
 LOCK_FILE = "run.lock"
 
 
+def _rank_zero() -> bool:
+    """Under torchrun only rank 0 locks and checks: the other ranks are the same writer (and
+    would find the folder rank 0 has just claimed)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def owner_of(out_dir: str | Path) -> dict | None:
     """The recorded owner of a run folder's lock, or None when no live process holds it."""
     path = Path(out_dir) / LOCK_FILE
@@ -52,8 +58,12 @@ def refuse_if_owned(out_dir: str | Path) -> None:
     """Raise :class:`RunBusy` naming the live process that holds ``out_dir``'s lock, if any."""
     owner = owner_of(out_dir)
     if owner is not None:
-        raise RunBusy(f"{out_dir}: this run is being written by another process ({describe(owner)}); "
-                      "wait for it to finish or stop it first")
+        raise _busy(out_dir, owner)
+
+
+def _busy(out_dir, owner: dict) -> RunBusy:
+    return RunBusy(f"{out_dir}: this run is being written by another process ({describe(owner)}); "
+                   "wait for it to finish or stop it first")
 
 
 def describe(owner: dict) -> str:
@@ -67,7 +77,7 @@ def run_lock(out_dir: str | Path) -> Iterator[Path]:
 
     Only rank 0 of a distributed job locks (the other ranks are part of the same writer).
     """
-    if os.environ.get("RANK", "0") != "0":
+    if not _rank_zero():
         yield Path(out_dir) / LOCK_FILE
         return
     out_dir = Path(out_dir)
@@ -81,8 +91,7 @@ def run_lock(out_dir: str | Path) -> Iterator[Path]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunBusy(f"{out_dir}: this run is being written by another process ({describe(_read_owner(handle))}); "
-                          "wait for it to finish or stop it first") from None
+            raise _busy(out_dir, _read_owner(handle)) from None
         # a previous owner that died left its record: the lock itself was free, so it is stale
         handle.seek(0)
         handle.truncate()
@@ -106,6 +115,8 @@ def refuse_foreign_run_folder(out_dir: str | Path) -> None:
     run's checkpoints, and a later ``--resume`` of it would continue from foreign weights."""
     from angioexp.errors import InputError
 
+    if not _rank_zero():
+        return
     out_dir = Path(out_dir)
     marks = [name for name in ("mlflow_run.json", "checkpoints/last.pt", "checkpoints/best.pt", "config.yaml")
              if (out_dir / name).exists()]
