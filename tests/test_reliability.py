@@ -141,6 +141,13 @@ def test_a_new_run_may_not_take_another_runs_folder(store_uri, coco, tmp_path, c
     assert len(client.search_runs([client.get_experiment_by_name("angioexp-stage1").experiment_id])) == 1
 
 
+def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path):
+    from angioexp.train.runlock import claim_new_folder
+
+    base = tmp_path / "runs" / "s1-core-abcd1234-1207-010203"
+    assert [claim_new_folder(base).name for _ in range(3)] == [base.name, f"{base.name}-2", f"{base.name}-3"]
+
+
 HOLD_LOCK = """
 import sys, time
 from angioexp.train.runlock import run_lock

@@ -31,7 +31,7 @@ from angioexp.errors import AngioexpError, CheckpointLoadError, InputError, Trai
 from angioexp.fileio import refuse_output_over_inputs
 from angioexp.tracking.callback import OUT_DIR_TAG, MlflowCallback, log_load_report
 from angioexp.tracking.uri import check_tracking_server, configure_mlflow, ensure_experiment
-from angioexp.train.runlock import refuse_foreign_run_folder, run_lock
+from angioexp.train.runlock import claim_new_folder, refuse_foreign_run_folder, run_lock
 from angioexp.train.signals import Terminated
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,14 @@ def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
     if resume_point is None:
         # --out is this run's folder; by default each run gets its own under train.out_dir
         explicit = getattr(args, "out", None)
-        cfg.train.out_dir = str(Path(explicit).resolve() if explicit else (Path(cfg.train.out_dir) / name).resolve())
-        refuse_output_over_inputs(cfg.train.out_dir, [coco_dir, getattr(args, "config", None), init_checkpoint])
-        refuse_foreign_run_folder(cfg.train.out_dir)
-        held.enter_context(run_lock(cfg.train.out_dir))
+        out_dir = Path(explicit if explicit else Path(cfg.train.out_dir) / name).resolve()
+        refuse_output_over_inputs(out_dir, [coco_dir, getattr(args, "config", None), init_checkpoint])
+        if explicit:
+            refuse_foreign_run_folder(out_dir)
+        else:
+            out_dir = claim_new_folder(out_dir)
+        cfg.train.out_dir = str(out_dir)
+        held.enter_context(run_lock(out_dir))
 
     tags = run_tags(cfg, digest=digest, sweep_study=sweep_study, init=init)
     tags[COCO_DIR_TAG] = str(coco_dir)

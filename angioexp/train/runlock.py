@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -131,3 +132,21 @@ def refuse_foreign_run_folder(out_dir: str | Path) -> None:
                 pass
         raise InputError(f"this folder holds another run{which} ({', '.join(marks)}); continue it with "
                          f"`angioexp train --resume {out_dir}` or choose a new --out", file=out_dir, key="--out")
+
+
+def claim_new_folder(base: str | Path) -> Path:
+    """``base``, else ``base-2``, ``base-3`` …: the first that did not exist, created atomically, so
+    two runs started in the same second on the same data get a folder each."""
+    base = Path(base)
+    if not _rank_zero():
+        return base
+    make_dirs(base.parent)
+    for n in itertools.count(1):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise unwritable(candidate, exc) from None
