@@ -215,7 +215,9 @@ def test_concurrent_runs_and_a_sweep_on_the_default_sqlite_store(coco, tmp_path)
 def test_concurrent_runs_and_a_sweep_on_a_tracking_server_over_postgresql(coco, tmp_path):
     from tracking_store import mlflow_server
 
-    with mlflow_server(PG_URL) as base:
+    from angioexp.sweep.storage import _with_available_driver  # SQLAlchemy 2.1 defaults to psycopg 3
+
+    with mlflow_server(_with_available_driver(PG_URL)) as base:
         env = {**ENV, "MLFLOW_TRACKING_URI": base, "ANGIOEXP_ARTIFACT_ROOT": str(tmp_path / "mlartifacts")}
         env.pop("MLFLOW_RUN_ID", None)
         _concurrent_runs_and_sweep(tmp_path, coco, env, base)

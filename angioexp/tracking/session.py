@@ -313,10 +313,24 @@ def _resumed_config(point, args):
     return apply_stopping_rules(cfg, args)
 
 
-def _log_inputs(coco_dir: Path) -> None:
+def _log_inputs(coco_dir: Path, attempts: int = 4) -> None:
+    import time
+
+    from mlflow.exceptions import MlflowException
+
     from angioexp.data.register import log_coco_inputs
 
-    log_coco_inputs(coco_dir, splits={"train": "training", "val": "validation"})
+    for attempt in range(attempts):
+        try:
+            return log_coco_inputs(coco_dir, splits={"train": "training", "val": "validation"})
+        except MlflowException as exc:
+            # Runs started together log the same new dataset at once; behind `mlflow server` on
+            # PostgreSQL all but one insert hit the datasets' unique key. The dataset exists then:
+            # the next try links it.
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("duplicate key" in text or "unique constraint" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _log_and_register(cfg, result, *, client, run_id, digest, init):
