@@ -287,6 +287,8 @@ def test_resume_refuses_config_changes_and_bad_stopping_rules(coco, tmp_path, ca
     assert main(["train", "--no-tracking", "--resume", str(out), "--set", "scratch.lr_scale=0.5"]) == 2
     line = _last_error(capsys)
     assert "--set" in line and "--max-steps" in line and "--budget-minutes" in line
+    assert main(["train", "--no-tracking", "--resume", str(out), "--stage", "2"]) == 2
+    assert "--stage 2 (the run has 1)" in _last_error(capsys)
     for argv in (["--max-steps", "0"], ["--max-steps", "-5"], ["--budget-minutes", "-1"]):
         assert main(["train", "--no-tracking", "--resume", str(out), *argv]) == 2, argv
         assert "train.max_steps" in (line := _last_error(capsys)) or "train.budget_minutes" in line

@@ -9,6 +9,8 @@ What ``angioexp train`` (and so ``mlflow run . -e train``) runs unless ``--no-tr
    new one in ``angioexp-stage{N}`` named ``s1-core-<digest>-<time>`` /
    ``s2-core-from-s1v3-<digest>-<time>``; tags stage, backend, dataset.digest, git.sha
    (+ sweep.study); system metrics; datasets as run inputs;
+   the run folder is locked for this process (a second writer is refused, naming it); a resume of
+   a FINISHED run does nothing unless ``--max-steps`` extends it;
 4. training through the chosen backend with :class:`MlflowCallback` streaming metrics;
 5. only after a successful, evaluated run: LoggedModel → registry version → ``challenger``
    (+ ``champion`` when it beats the current one).
@@ -306,11 +308,11 @@ def _resume_count(client, run_id: str | None) -> int:
 
 def _resumed_config(point, args):
     """The run's own config; only the stopping rules may change on resume."""
-    from angioexp.train.cli import apply_stopping_rules
+    from angioexp.train.cli import resumed_config
 
     cfg = config_from_dict(point.config)
     cfg.train.out_dir = str(point.out_dir)
-    return apply_stopping_rules(cfg, args)
+    return resumed_config(cfg, args)
 
 
 def _log_inputs(coco_dir: Path, attempts: int = 4) -> None:

@@ -7,6 +7,10 @@
 With tracking (the default when :mod:`angioexp.tracking.session` is installed) the run is an
 MLflow run; ``--no-tracking`` trains plainly into ``--out``. Under ``torchrun`` the core backend
 trains with DDP (see :mod:`angioexp.train.ddp`).
+
+Either way the run folder has one writer (:mod:`angioexp.train.runlock`), a new run never takes
+another run's folder or an input's, and SIGTERM stops like Ctrl-C (:mod:`angioexp.train.signals`):
+checkpoint, run KILLED, one line, exit 143, ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -61,12 +65,25 @@ def build_config(args: argparse.Namespace):
 
 
 def _refuse_changes_on_resume(args: argparse.Namespace) -> None:
-    given = [flag for flag, value in (("--set", args.overrides), ("--config", args.config), ("--stage", args.stage),
-                                      ("--backend", args.backend), ("--init-from", args.init_from),
+    given = [flag for flag, value in (("--set", args.overrides), ("--config", args.config), ("--init-from", args.init_from),
                                       ("--out", args.out), ("--coco-dir", args.coco_dir)) if value]
     if given:
-        raise InputError(f"--resume continues a run with its own configuration; {', '.join(given)} cannot change it "
-                         f"(only {' and '.join(RESUME_OPTIONS)} may) — start a new run instead", key="--resume")
+        raise _cannot_change(", ".join(given))
+
+
+def _cannot_change(what: str) -> InputError:
+    return InputError(f"--resume continues a run with its own configuration; {what} cannot change it "
+                      f"(only {' and '.join(RESUME_OPTIONS)} may) — start a new run instead", key="--resume")
+
+
+def resumed_config(cfg, args: argparse.Namespace):
+    """A resumed run's stored ``cfg`` with the stopping rules of ``args``; ``--stage``/``--backend``
+    may be given (``mlflow run`` always passes them) only if they match the run's."""
+    for flag, given, stored in (("--stage", getattr(args, "stage", None), cfg.stage),
+                                ("--backend", getattr(args, "backend", None), cfg.backend)):
+        if given is not None and given != stored:
+            raise _cannot_change(f"{flag} {given} (the run has {stored})")
+    return apply_stopping_rules(cfg, args)
 
 
 def _train_untracked(args: argparse.Namespace):
@@ -80,7 +97,7 @@ def _train_untracked(args: argparse.Namespace):
         out_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         with run_lock(out_dir):
             payload = load_training_checkpoint(path)
-            cfg = apply_stopping_rules(config_from_dict(payload["config"], source=path), args)
+            cfg = resumed_config(config_from_dict(payload["config"], source=path), args)
             if int(payload["step"]) >= cfg.train.max_steps:
                 print(f"{out_dir}: finished (step {payload['step']} of {cfg.train.max_steps}); nothing to do — "
                       f"pass --max-steps N (> {payload['step']}) to train it further")
