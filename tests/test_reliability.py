@@ -141,6 +141,25 @@ def test_a_new_run_may_not_take_another_runs_folder(store_uri, coco, tmp_path, c
     assert len(client.search_runs([client.get_experiment_by_name("angioexp-stage1").experiment_id])) == 1
 
 
+def test_a_new_sweep_may_not_take_an_earlier_studys_trial_folders(coco, tmp_path, capsys):
+    from sweep_helpers import write_space
+
+    space = write_space(tmp_path / "s.yaml", """
+        study: again
+        objective: val/AP75_tol
+        pruner: none
+        params:
+          scratch.lr_scale: {type: categorical, choices: [0.1]}
+    """, steps=1, eval_every=1)
+    earlier = tmp_path / "trials" / "again" / "trial_0000"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.pt").write_bytes(b"an earlier study's weights")
+    assert main(["sweep", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--out",
+                 str(tmp_path / "trials"), "--coco-dir", str(coco), "--n-trials", "1", "--no-tracking"]) == 2
+    assert "earlier study named 'again'" in _last_error(capsys)
+    assert (earlier / "checkpoints" / "last.pt").read_bytes() == b"an earlier study's weights"
+
+
 def test_runs_started_in_the_same_second_get_a_folder_each(tmp_path):
     from angioexp.train.runlock import claim_new_folder
 

@@ -350,6 +350,12 @@ def run(args: argparse.Namespace) -> int:
                           grace_period=args.grace_period, max_retry=args.max_retry)
     name = args.study or space.study
     study, space = open_study(handle, name, space)
+    earlier = sorted((Path(args.out) / name).glob("trial_*"))
+    if earlier and not study.get_trials(deepcopy=False):
+        # a new study would write its trial_0000… over the folders of an earlier one of this name
+        raise InputError(f"{Path(args.out) / name} holds trial folders of an earlier study named '{name}' "
+                         f"({earlier[0].name} …) that this storage does not know; choose another --out or study name",
+                         key="--out")
     backend = args.backend or study.user_attrs.get(ATTR + "backend") or space.backend
     for override in args.overrides:  # fail on a bad --set before anything runs
         space.build_config(extra=[override], backend=backend)
