@@ -8,6 +8,7 @@ trainer checkpoint) fails here instead, before any training step.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -72,6 +73,14 @@ def read_checkpoint(path: str | Path) -> dict:
         raise InputError("checkpoint not found", file=path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise InputError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", file=path) from None
+        # torch's own advice here is to retry with weights_only=False, i.e. to run the file's code
+        raise InputError(
+            "refused as unsafe: it holds pickled Python objects, which could run code when loaded; a safe "
+            "checkpoint holds only tensors, numbers, strings, lists and dicts (what `angioexp train` writes, "
+            "or torch.save({'model': model.state_dict()}, path))", file=path) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         raise InputError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", file=path) from None
 

@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except AngioexpError as exc:
         print(f"angioexp {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"angioexp {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGTERM arrives as angioexp.train.signals.Terminated (a KeyboardInterrupt with signum 15)
+        sigterm = getattr(exc, "signum", None) == 15
+        detail = f": {exc}" if str(exc) else ""
+        print(f"angioexp {args.command}: {'terminated (SIGTERM)' if sigterm else 'interrupted'}{detail}", file=sys.stderr)
+        return 143 if sigterm else 130
 
 
 if __name__ == "__main__":

@@ -398,6 +398,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "nan_guard.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "nan_guard.max_loss_ratio": (lambda v: v is None or v > 1, "must be > 1 (or null: only NaN/Inf is a bad step)"),
     "train.max_steps": (lambda v: v >= 1, "must be >= 1"),
+    "train.budget_minutes": (lambda v: v is None or (v > 0 and math.isfinite(v)), "must be > 0 minutes (or null)"),
     "train.ema_decay": (lambda v: v is None or 0 < v < 1, "must be in (0, 1), or null for no averaging"),
     "eval.tolerance_px": (lambda v: v >= 0, "must be >= 0"),
     "min_loaded_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),

@@ -52,6 +52,16 @@ class ConfigError(InputError):
     """A bad configuration key or value."""
 
 
+class OutputError(AngioexpError):
+    """An output the operating system refused to write (no permission, read-only, disk full).
+
+    What was there before is intact (writes go to a temporary file first)."""
+
+
+class RunBusy(AngioexpError):
+    """Another live process owns this training run (see :mod:`angioexp.train.runlock`)."""
+
+
 class TrainingDiverged(AngioexpError):
     """Raised when the NaN guard gives up (too many rollbacks). Carries the guard's record."""
 

@@ -221,6 +221,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}", key="--workers")
     cfg = load_config(args.config, stage=args.stage)
     data = cfg.data
     # paths are assigned directly (not as key=value overrides) so no YAML parsing touches them

@@ -99,16 +99,13 @@ def test_unreachable_tracking_server_fails_fast(monkeypatch, coco_stage1, tmp_pa
 
 
 def test_weights_that_do_not_fit_fail_before_training(store_uri, coco_stage2, tmp_path):
-    """A Stage 1 model of another architecture: load report logged, run FAILED, nothing registered."""
+    """A Stage 1 model of another architecture: refused with the load report's numbers before any
+    run or run folder exists (nothing FAILED is left behind), nothing registered."""
     client = mlflow.MlflowClient(store_uri)
     _register_stage1(tmp_path, ["model.d_model=64", "model.encoder_channels=[8,16,32,48]"])
     with pytest.raises(CheckpointLoadError, match="below the required 90%"):
         tracked_train(_cfg(coco_stage2, 2, tmp_path), argparse.Namespace())
-    (run,) = client.search_runs([client.get_experiment_by_name("angioexp-stage2").experiment_id])
-    assert run.info.status == "FAILED"
-    assert float(run.data.params["init.loaded_fraction"]) < 0.9
-    assert run.data.params["init.source"] == "models:/angio-stage1@champion"
-    assert "init/load_report.json" in {a.path for a in client.list_artifacts(run.info.run_id, "init")}
-    assert "init load" in run.data.tags["angioexp.failure"]
-    assert not any(k.startswith("train/") for k in run.data.metrics)  # not one step
+    experiment = client.get_experiment_by_name("angioexp-stage2")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+    assert not (tmp_path / "runs").exists()
     assert [m.name for m in client.search_registered_models()] == ["angio-stage1"]

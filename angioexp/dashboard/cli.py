@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from angioexp.dashboard.build import DashboardOptions, build_dashboards
+    from angioexp.fileio import local_store_file, refuse_output_over_inputs
+    from angioexp.tracking.uri import tracking_uri
+
+    refuse_output_over_inputs(args.out, [local_store_file(u) for u in [tracking_uri(), *_names(args.storage)]])
 
     # one progress bar per downloaded artifact would drown the output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

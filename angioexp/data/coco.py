@@ -225,3 +225,36 @@ class CocoSplit:
 
     def __repr__(self) -> str:
         return f"CocoSplit({self.annotations_path}, images={len(self.images)}, categories={len(self.categories)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where predictions came from: image ids restart at 1 in every split (and every dataset), so a
+# predictions file scored against another split would otherwise pass silently.
+
+SOURCE_KEYS = ("split", "dataset_digest")
+
+
+def prediction_source(coco_dir: str | Path, split: str) -> dict:
+    """``{"split", "dataset_digest"}`` that every prediction made on this split carries."""
+    manifest = Path(coco_dir) / "manifest.json"
+    digest = None
+    if manifest.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            digest = json.loads(manifest.read_text(encoding="utf-8")).get("dataset_digest")
+    return {"split": split, "dataset_digest": digest}
+
+
+def check_prediction_source(predictions, coco_dir: str | Path, split: str, *, file=None) -> None:
+    """Refuse predictions that record another split or dataset than the one being scored
+    (entries without the record — from other tools — are accepted)."""
+    if not isinstance(predictions, list):
+        return  # the evaluator reports the structure
+    expected = prediction_source(coco_dir, split)
+    for k, pred in enumerate(predictions):
+        if not isinstance(pred, dict):
+            continue
+        for key in SOURCE_KEYS:
+            if key in pred and expected[key] is not None and pred[key] != expected[key]:
+                what = "split" if key == "split" else "dataset (digest)"
+                raise InputError(f"prediction {k} was made on {what} {pred[key]!r}, but this is {expected[key]!r} "
+                                 f"of {coco_dir}: score it against the data it was predicted on", file=file)

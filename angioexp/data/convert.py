@@ -48,9 +48,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from angioexp.data.index import ROW_COLUMN, load_row, read_table
+from angioexp.data.index import ROW_COLUMN, abs_column, load_row, read_table
+from angioexp.data.schema import PATH_COLUMNS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, write_bytes_atomic, write_json_atomic
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs, write_bytes_atomic, write_json_atomic
 from angioexp.segments import STAGE1_CATEGORY, stage2_categories
 
 log = logging.getLogger(__name__)
@@ -417,16 +418,20 @@ def convert(
         raise InputError(f"stage must be 1 or 2, got {stage!r}", key="stage")
     if size is not None and not 16 <= int(size) <= 8192:
         raise InputError(f"size must be between 16 and 8192 px, got {size}", key="size")
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise InputError(f"workers must be >= 1, got {workers}", key="--workers")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"output already exists (pass --overwrite to replace it): {out_dir}")
 
     df = read_table(index_csv)
     csv_path = df.attrs["csv_path"]
+    referenced = {p for c in PATH_COLUMNS if abs_column(c) in df for p in df[abs_column(c)].dropna()}
+    refuse_output_over_inputs(out_dir, [csv_path, *sorted(referenced)])
     has_gt = _check_label_columns(df, stage, csv_path)
     rows = df.to_dict("records")
     splits = [s for s in ("train", "val", "test") if s in has_gt]
-    workers = default_workers(len(rows)) if workers is None else max(1, int(workers))
+    workers = default_workers(len(rows)) if workers is None else int(workers)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for split in splits:

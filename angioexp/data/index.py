@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import logging
 import math
 import os
 import pickle
@@ -35,6 +36,8 @@ from angioexp.data.schema import OPTIONAL_COLUMNS, PATH_COLUMNS, REQUIRED_COLUMN
 from angioexp.errors import InputError
 from angioexp.fileio import resolve_under
 from angioexp.segments import BY_LABEL
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pandas is imported lazily: converter workers only need load_row
     import pandas as pd
@@ -75,7 +78,8 @@ def _parse_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]
         raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=csv_path) from None
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", file=csv_path) from None
-    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    lines = text.splitlines(keepends=True)
+    reader = csv.reader(lines, delimiter=_delimiter(lines, csv_path), strict=True)
     records: list[tuple[int, list[str]]] = []
     header: list[str] | None = None
     line = 1
@@ -98,6 +102,17 @@ def _parse_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]
     return header, records
 
 
+def _delimiter(lines: list[str], csv_path: Path) -> str:
+    """',' — or ';', which Excel writes in locales with a decimal comma, when the header has no
+    comma but holds the required columns separated by semicolons."""
+    first = next((line for line in lines if line.strip()), "")
+    names = [c.strip() for c in first.split(";")]
+    if "," not in first and all(name in names for name in REQUIRED_COLUMNS):
+        log.info("%s: semicolon-separated (Excel's CSV in many locales); reading it as such", csv_path)
+        return ";"
+    return ","
+
+
 def _check_header(header: list[str], csv_path: Path) -> None:
     seen: set[str] = set()
     for name in header:
@@ -107,6 +122,10 @@ def _check_header(header: list[str], csv_path: Path) -> None:
             raise InputError("column appears twice in the header", file=csv_path, row=1, column=name)
         seen.add(name)
         if name not in ALL_COLUMNS:
+            if ";" in name:
+                raise InputError("the header looks separated by ';' but does not hold every required column "
+                                 f"({', '.join(REQUIRED_COLUMNS)}); save the file as comma-separated CSV",
+                                 file=csv_path, row=1, column=name)
             close = difflib.get_close_matches(name, ALL_COLUMNS, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; valid columns: {', '.join(ALL_COLUMNS)}"
             raise InputError(f"unknown column{hint}", file=csv_path, row=1, column=name)
@@ -155,7 +174,10 @@ class _PathResolver:
         if name in ("", ".", ".."):
             return resolve_under(self.root, text, **where)
         if folder not in self.folders:
-            self.folders[folder] = resolve_under(self.root, folder or ".", **where)
+            try:
+                self.folders[folder] = resolve_under(self.root, folder or ".", **where)
+            except InputError:
+                return resolve_under(self.root, text, **where)  # the message quotes the whole value
         candidate = self.folders[folder] / name
         if candidate.is_symlink():  # a link may point anywhere: check where it lands
             return resolve_under(self.root, text, **where)

@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from angioexp.data.coco import check_prediction_source
 from angioexp.errors import AngioexpError, InputError
-from angioexp.fileio import atomic_dir, write_json_atomic
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs, write_json_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"no split '{args.split}' here", file=split_dir)
     mode = "ceiling" if args.ceiling else ("checkpoint" if args.checkpoint else "predictions")
     out = args.out or Path("eval") / f"{args.split}-{mode}"
+    refuse_output_over_inputs(out, [args.coco, args.predictions, args.checkpoint])
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError("output already exists (pass --overwrite to replace it)", file=out)
     options = dict(tolerance_px=args.tolerance, score_threshold=args.score_threshold, max_overlays=args.max_overlays)
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 predictions = json.loads(args.predictions.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise InputError(f"not valid JSON: {exc.msg} (line {exc.lineno})", file=args.predictions) from None
+            check_prediction_source(predictions, args.coco, args.split, file=args.predictions)
         else:
             predictions = _predict(args)
 

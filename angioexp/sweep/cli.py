@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_file
+from angioexp.fileio import atomic_file, local_store_file, refuse_output_over_inputs
 from angioexp.sweep.objective import Objective, TrialContext
 from angioexp.sweep.space import SearchSpace, load_space, space_from_study
 from angioexp.sweep.storage import StorageHandle, open_storage
@@ -342,11 +342,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--n-trials must be >= 0, got {args.n_trials}")
     if args.space is None and args.study is None:
         raise InputError("give --space (a sweeps/*.yaml file) or --study (a stored study)")
+    inputs = [args.coco_dir, args.space, local_store_file(args.storage)]
+    refuse_output_over_inputs(args.out, inputs)
+    refuse_output_over_inputs(args.report_out, inputs, option="--report-out")
     space = load_space(args.space) if args.space else None
     handle = open_storage(args.storage, workers=args.workers, heartbeat_interval=args.heartbeat_interval,
                           grace_period=args.grace_period, max_retry=args.max_retry)
     name = args.study or space.study
     study, space = open_study(handle, name, space)
+    earlier = sorted((Path(args.out) / name).glob("trial_*"))
+    if earlier and not study.get_trials(deepcopy=False):
+        # a new study would write its trial_0000… over the folders of an earlier one of this name
+        raise InputError(f"{Path(args.out) / name} holds trial folders of an earlier study named '{name}' "
+                         f"({earlier[0].name} …) that this storage does not know; choose another --out or study name",
+                         key="--out")
     backend = args.backend or study.user_attrs.get(ATTR + "backend") or space.backend
     for override in args.overrides:  # fail on a bad --set before anything runs
         space.build_config(extra=[override], backend=backend)

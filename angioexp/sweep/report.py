@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir
+from angioexp.fileio import atomic_dir, local_store_file, refuse_output_over_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    refuse_output_over_inputs(args.out, [local_store_file(args.storage)])
     study = load_study_for_report(args.study, args.storage)
     out = build_report(study, out_root=Path(args.out), plotly_js=args.plotly_js)
     print(f"report → {out}")

@@ -67,10 +67,15 @@ def find_resume_point(handle: str, *, client=None) -> ResumePoint:
                 run_id = json.loads(run_file.read_text(encoding="utf-8")).get("run_id")
             except (OSError, ValueError):
                 raise InputError("unreadable run file", file=run_file) from None
+    from angioexp.train.runlock import refuse_if_owned
+
+    refuse_if_owned(out_dir)  # still training: a second writer would duplicate its steps
     # core: checkpoints/last.pt (holds its config); sam3: SAM3's trainer checkpoint
     candidates = [out_dir / "checkpoints" / "last.pt", out_dir / "sam3" / "checkpoints" / "checkpoint.pt"]
     checkpoint = next((c for c in candidates if c.is_file()), None)
     if checkpoint is None:
+        if run_id is not None:
+            _close_abandoned_run(run_id, out_dir, client)
         raise InputError(
             "no checkpoint to resume from (the run stopped before its first checkpoint; "
             "start it again instead)", file=candidates[0], key="--resume",
@@ -101,3 +106,16 @@ def _logged_config(run_id: str, client=None) -> dict | None:
             return None
         data = yaml.safe_load(Path(local).read_text(encoding="utf-8"))
     return data if isinstance(data, dict) else None
+
+
+def _close_abandoned_run(run_id: str, out_dir: Path, client=None) -> None:
+    """A run whose process died before its first checkpoint cannot be resumed; unless a live
+    process still owns its folder, end it as FAILED instead of leaving it RUNNING for ever."""
+    from mlflow import MlflowClient
+
+    from angioexp.train.runlock import owner_of
+
+    client = client or MlflowClient()
+    if owner_of(out_dir) is None and client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "angioexp.failure", "the process died before its first checkpoint")
+        client.set_terminated(run_id, "FAILED")

@@ -9,6 +9,8 @@ What ``angioexp train`` (and so ``mlflow run . -e train``) runs unless ``--no-tr
    new one in ``angioexp-stage{N}`` named ``s1-core-<digest>-<time>`` /
    ``s2-core-from-s1v3-<digest>-<time>``; tags stage, backend, dataset.digest, git.sha
    (+ sweep.study); system metrics; datasets as run inputs;
+   the run folder is locked for this process (a second writer is refused, naming it); a resume of
+   a FINISHED run does nothing unless ``--max-steps`` extends it;
 4. training through the chosen backend with :class:`MlflowCallback` streaming metrics;
 5. only after a successful, evaluated run: LoggedModel → registry version → ``challenger``
    (+ ``champion`` when it beats the current one).
@@ -17,6 +19,7 @@ What ``angioexp train`` (and so ``mlflow run . -e train``) runs unless ``--no-tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import importlib.util
@@ -27,8 +30,11 @@ import tempfile
 from pathlib import Path
 
 from angioexp.errors import AngioexpError, CheckpointLoadError, InputError, TrainingDiverged
+from angioexp.fileio import refuse_output_over_inputs
 from angioexp.tracking.callback import OUT_DIR_TAG, MlflowCallback, log_load_report
 from angioexp.tracking.uri import check_tracking_server, configure_mlflow, ensure_experiment
+from angioexp.train.runlock import claim_new_folder, refuse_foreign_run_folder, run_lock
+from angioexp.train.signals import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +129,24 @@ def _backend_train(cfg, args, *, callbacks, coco_dir, resume_from, init_checkpoi
 # ---------------------------------------------------------------------------------------------
 
 
+class RunFinished(AngioexpError):
+    """``--resume`` of a run that already finished: nothing to do (the CLI exits 0)."""
+
+    exit_code = 0
+
+
 def tracked_train(cfg, args=None, *, extra_callbacks=()):
     """Train with full MLflow tracking; returns the backend's ``TrainResult``.
 
     ``args`` (from ``angioexp train``) may carry ``resume`` (run id or out_dir), ``out``,
     ``max_steps``, ``budget_minutes`` and ``sweep_study``; everything else comes from ``cfg``.
+    The run's folder is locked for the whole call (:mod:`angioexp.train.runlock`): one writer.
     """
+    with contextlib.ExitStack() as held:
+        return _tracked_train(cfg, args, extra_callbacks, held)
+
+
+def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
     import mlflow
     from mlflow import MlflowClient
 
@@ -136,7 +154,7 @@ def tracked_train(cfg, args=None, *, extra_callbacks=()):
     from angioexp.tracking.models import resolve_model
     from angioexp.tracking.resume import find_resume_point, write_run_file
 
-    args = args or argparse.Namespace()
+    args = args if args is not None else argparse.Namespace()
     if cfg.stage not in (1, 2):
         raise InputError(f"unknown stage {cfg.stage!r} (expected 1 or 2)", key="stage")
 
@@ -149,7 +167,14 @@ def tracked_train(cfg, args=None, *, extra_callbacks=()):
     resume_point = None
     if resume_handle:
         resume_point = find_resume_point(resume_handle, client=client)
+        held.enter_context(run_lock(resume_point.out_dir))  # a second writer stops here
         cfg = _resumed_config(resume_point, args)
+        if resume_point.run_id and resume_point.step >= cfg.train.max_steps:
+            status = client.get_run(resume_point.run_id).info.status
+            if status == "FINISHED":
+                raise RunFinished(
+                    f"run {resume_point.run_id} is finished (step {resume_point.step} of {cfg.train.max_steps}); "
+                    f"nothing to do — pass --max-steps N (> {resume_point.step}) to train it further")
 
     init = None
     init_checkpoint = None
@@ -157,6 +182,10 @@ def tracked_train(cfg, args=None, *, extra_callbacks=()):
         init = resolve_model(cfg.init_from, client=client)
         init_checkpoint = init.weights
         log.info("init_from %s → %s", cfg.init_from, init.weights)
+        if cfg.backend == "core":
+            from angioexp.train.loop import check_init_weights
+
+            check_init_weights(cfg, init_checkpoint)  # refused weights leave no run and no folder
 
     # 2. data -------------------------------------------------------------------------------
     coco_dir, digest = _prepare_data(cfg)
@@ -192,7 +221,14 @@ def tracked_train(cfg, args=None, *, extra_callbacks=()):
     if resume_point is None:
         # --out is this run's folder; by default each run gets its own under train.out_dir
         explicit = getattr(args, "out", None)
-        cfg.train.out_dir = str(Path(explicit).resolve() if explicit else (Path(cfg.train.out_dir) / name).resolve())
+        out_dir = Path(explicit if explicit else Path(cfg.train.out_dir) / name).resolve()
+        refuse_output_over_inputs(out_dir, [coco_dir, getattr(args, "config", None), init_checkpoint])
+        if explicit:
+            refuse_foreign_run_folder(out_dir)
+        else:
+            out_dir = claim_new_folder(out_dir)
+        cfg.train.out_dir = str(out_dir)
+        held.enter_context(run_lock(out_dir))
 
     tags = run_tags(cfg, digest=digest, sweep_study=sweep_study, init=init)
     tags[COCO_DIR_TAG] = str(coco_dir)
@@ -239,13 +275,18 @@ def tracked_train(cfg, args=None, *, extra_callbacks=()):
             _log_and_register(cfg, result, client=client, run_id=run_id, digest=digest, init=init)
         status = "FINISHED"
         return result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "KILLED"
+        try:
+            client.set_tag(run_id, "angioexp.stopped", "SIGTERM" if isinstance(exc, Terminated) else "interrupted")
+        except Exception:  # noqa: BLE001 - stopping matters more than the note
+            log.warning("could not record the stop on run %s", run_id)
         raise
     except Exception as exc:
         if type(exc).__name__ == "TrialPruned":
             status = "KILLED"
-        elif not isinstance(exc, AngioexpError):
+        elif not isinstance(exc, (InputError, TrainingDiverged, CheckpointLoadError)):
+            # why it stopped (a crash, a full disk …) stays on the run for whoever finds it FAILED
             try:
                 client.set_tag(run_id, "angioexp.failure", f"{type(exc).__name__}: {exc}"[:5000])
             except Exception:  # noqa: BLE001 - the original error matters more
@@ -267,19 +308,31 @@ def _resume_count(client, run_id: str | None) -> int:
 
 def _resumed_config(point, args):
     """The run's own config; only the stopping rules may change on resume."""
+    from angioexp.train.cli import resumed_config
+
     cfg = config_from_dict(point.config)
     cfg.train.out_dir = str(point.out_dir)
-    if getattr(args, "max_steps", None):
-        cfg.train.max_steps = int(args.max_steps)
-    if getattr(args, "budget_minutes", None):
-        cfg.train.budget_minutes = float(args.budget_minutes)
-    return cfg
+    return resumed_config(cfg, args)
 
 
-def _log_inputs(coco_dir: Path) -> None:
+def _log_inputs(coco_dir: Path, attempts: int = 4) -> None:
+    import time
+
+    from mlflow.exceptions import MlflowException
+
     from angioexp.data.register import log_coco_inputs
 
-    log_coco_inputs(coco_dir, splits={"train": "training", "val": "validation"})
+    for attempt in range(attempts):
+        try:
+            return log_coco_inputs(coco_dir, splits={"train": "training", "val": "validation"})
+        except MlflowException as exc:
+            # Runs started together log the same new dataset at once; behind `mlflow server` on
+            # PostgreSQL all but one insert hit the datasets' unique key. The dataset exists then:
+            # the next try links it.
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("duplicate key" in text or "unique constraint" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _log_and_register(cfg, result, *, client, run_id, digest, init):

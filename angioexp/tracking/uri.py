@@ -25,6 +25,9 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 CONNECT_TIMEOUT_S = 5.0
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` or an absolute SQLite path in the current directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
@@ -50,7 +53,49 @@ def configure_mlflow(uri: str | None = None) -> str:
 
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
+    _create_sqlite_store_once(uri)
     return uri
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and ``:memory:``)."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    db_path = uri[len("sqlite:///"):]  # sqlite:////abs.db → /abs.db; sqlite:///rel.db → rel.db
+    return Path(db_path).expanduser() if db_path and db_path != ":memory:" else None
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Open a local SQLite store under an exclusive lock on its folder.
+
+    Opening a store runs MLflow's schema migrations when the file is new; several processes
+    doing that at once (four runs and a sweep started together on the default ``mlflow.db``)
+    fail with "Online migration expected to match one row". Under the lock the first one
+    creates the schema and the others find it done. Stores that are not there yet or are not
+    SQLite files are left to :func:`check_tracking_server` to report.
+    """
+    import fcntl
+
+    import mlflow
+
+    db = _sqlite_file(uri)
+    if db is None or not db.parent.is_dir() or (db.exists() and not _is_sqlite_file(db)):
+        return
+    folder = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates + migrates, cached per URI
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _is_sqlite_file(db: Path) -> bool:
+    if not db.is_file():
+        return False
+    if db.stat().st_size == 0:
+        return True  # SQLite treats an empty file as an empty database
+    with open(db, "rb") as handle:
+        return handle.read(len(SQLITE_HEADER)) == SQLITE_HEADER
 
 
 def check_tracking_server(uri: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -75,13 +120,18 @@ def check_tracking_server(uri: str | None = None, timeout: float = CONNECT_TIMEO
         if response.status_code != 200:
             raise InputError(f"tracking server {uri} answered HTTP {response.status_code} on /health", key="MLFLOW_TRACKING_URI")
     elif parsed.scheme == "sqlite":
-        db_path = uri[len("sqlite:///"):]  # sqlite:////abs.db → /abs.db; sqlite:///rel.db → rel.db
-        if db_path and db_path != ":memory:":
-            folder = Path(db_path).expanduser().resolve().parent
+        db = _sqlite_file(uri)
+        if db is not None:
+            folder = db.resolve().parent
             if not folder.is_dir():
                 raise InputError(f"folder of the SQLite tracking store does not exist: {folder}", key="MLFLOW_TRACKING_URI")
             if not os.access(folder, os.W_OK):
                 raise InputError(f"folder of the SQLite tracking store is not writable: {folder}", key="MLFLOW_TRACKING_URI")
+            if db.is_dir():
+                raise InputError("the SQLite tracking store is a folder, not a database file", file=db, key="MLFLOW_TRACKING_URI")
+            if db.exists() and not _is_sqlite_file(db):
+                raise InputError("not an SQLite database (point MLFLOW_TRACKING_URI at an MLflow database, "
+                                 "or at a new file name to create one)", file=db, key="MLFLOW_TRACKING_URI")
     elif parsed.scheme in ("", "file"):
         raise InputError(
             f"'{uri}' is a plain file store, which MLflow 3 no longer uses by default; "

@@ -7,6 +7,10 @@
 With tracking (the default when :mod:`angioexp.tracking.session` is installed) the run is an
 MLflow run; ``--no-tracking`` trains plainly into ``--out``. Under ``torchrun`` the core backend
 trains with DDP (see :mod:`angioexp.train.ddp`).
+
+Either way the run folder has one writer (:mod:`angioexp.train.runlock`), a new run never takes
+another run's folder or an input's, and SIGTERM stops like Ctrl-C (:mod:`angioexp.train.signals`):
+checkpoint, run KILLED, one line, exit 143, ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import argparse
 import importlib.util
 import logging
 
-from angioexp.config import load_config, set_value
+from angioexp.config import load_config, set_value, validate
+from angioexp.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tracking", action="store_true", help="no MLflow: a plain run into --out")
 
 
+# What --resume may change: the run's own config is restored, only the stopping rules move.
+RESUME_OPTIONS = ("--max-steps", "--budget-minutes")
+
+
+def apply_stopping_rules(cfg, args: argparse.Namespace):
+    """``--max-steps`` / ``--budget-minutes`` onto ``cfg``, checked like the config keys they set."""
+    if getattr(args, "max_steps", None) is not None:
+        set_value(cfg, "train.max_steps", args.max_steps, "--max-steps")
+    if getattr(args, "budget_minutes", None) is not None:
+        set_value(cfg, "train.budget_minutes", args.budget_minutes, "--budget-minutes")
+    return validate(cfg)
+
+
 def build_config(args: argparse.Namespace):
     overrides = list(args.overrides or [])
     if args.init_from is not None:
@@ -43,46 +61,94 @@ def build_config(args: argparse.Namespace):
     cfg = load_config(args.config, overrides, stage=args.stage, backend=args.backend)
     if args.out:
         set_value(cfg, "train.out_dir", args.out, "--out")
-    if args.max_steps is not None:
-        set_value(cfg, "train.max_steps", args.max_steps, "--max-steps")
-    if args.budget_minutes is not None:
-        set_value(cfg, "train.budget_minutes", args.budget_minutes, "--budget-minutes")
-    return cfg
+    return apply_stopping_rules(cfg, args)
 
 
-def _resumed_config(resume: str, args: argparse.Namespace):
-    """Untracked resume: the config stored in the checkpoint; only stopping rules may change."""
+def _refuse_changes_on_resume(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--set", args.overrides), ("--config", args.config), ("--init-from", args.init_from),
+                                      ("--out", args.out), ("--coco-dir", args.coco_dir)) if value]
+    if given:
+        raise _cannot_change(", ".join(given))
+
+
+def _cannot_change(what: str) -> InputError:
+    return InputError(f"--resume continues a run with its own configuration; {what} cannot change it "
+                      f"(only {' and '.join(RESUME_OPTIONS)} may) — start a new run instead", key="--resume")
+
+
+def resumed_config(cfg, args: argparse.Namespace):
+    """A resumed run's stored ``cfg`` with the stopping rules of ``args``; ``--stage``/``--backend``
+    may be given (``mlflow run`` always passes them) only if they match the run's."""
+    for flag, given, stored in (("--stage", getattr(args, "stage", None), cfg.stage),
+                                ("--backend", getattr(args, "backend", None), cfg.backend)):
+        if given is not None and given != stored:
+            raise _cannot_change(f"{flag} {given} (the run has {stored})")
+    return apply_stopping_rules(cfg, args)
+
+
+def _train_untracked(args: argparse.Namespace):
+    """A plain run into its folder: the same folder rules and lock as a tracked run."""
+    from angioexp.fileio import refuse_output_over_inputs
     from angioexp.train.checkpoint import config_from_dict, load_training_checkpoint, resolve_resume
+    from angioexp.train.runlock import refuse_foreign_run_folder, run_lock
 
-    path = resolve_resume(resume)
-    cfg = config_from_dict(load_training_checkpoint(path)["config"], source=path)
-    if args.max_steps is not None:
-        set_value(cfg, "train.max_steps", args.max_steps, "--max-steps")
-    if args.budget_minutes is not None:
-        set_value(cfg, "train.budget_minutes", args.budget_minutes, "--budget-minutes")
-    return cfg
+    if args.resume:
+        path = resolve_resume(args.resume)
+        out_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        with run_lock(out_dir):
+            payload = load_training_checkpoint(path)
+            cfg = resumed_config(config_from_dict(payload["config"], source=path), args)
+            if int(payload["step"]) >= cfg.train.max_steps:
+                print(f"{out_dir}: finished (step {payload['step']} of {cfg.train.max_steps}); nothing to do — "
+                      f"pass --max-steps N (> {payload['step']}) to train it further")
+                return None
+            return _backend(cfg, args, resume_from=args.resume)
+    cfg = build_config(args)
+    out_dir = cfg.train.out_dir
+    coco_dir = None
+    if cfg.backend == "core":  # data checked (stage, splits) before the run folder exists
+        from angioexp.train.loop import resolve_coco_dir
+
+        coco_dir = resolve_coco_dir(cfg, None)
+    local_init = cfg.init_from if cfg.init_from and "://" not in cfg.init_from else None
+    refuse_output_over_inputs(out_dir, [coco_dir or cfg.data.coco_dir, args.config, local_init])
+    refuse_foreign_run_folder(out_dir)
+    with run_lock(out_dir):
+        return _backend(cfg, args, resume_from=None, coco_dir=coco_dir)
+
+
+def _backend(cfg, args, *, resume_from, coco_dir=None):
+    if cfg.backend == "sam3":
+        from angioexp.backends.sam3.run import train_sam3
+
+        return train_sam3(cfg, args)
+    from angioexp.train.loop import train
+
+    return train(cfg, resume_from=resume_from, coco_dir=coco_dir)
 
 
 def run(args: argparse.Namespace) -> int:
+    from angioexp.train.signals import stop_signals_raise
+
+    if args.resume:
+        _refuse_changes_on_resume(args)
     tracked = not args.no_tracking and importlib.util.find_spec("angioexp.tracking.session") is not None
-    if args.resume and not tracked:
-        cfg = _resumed_config(args.resume, args)
-    else:
-        cfg = build_config(args)
-    if tracked:
-        from angioexp.tracking.session import tracked_train
+    with stop_signals_raise():  # SIGTERM (preemption, docker stop) is handled like Ctrl-C
+        if tracked:
+            from angioexp.tracking.session import RunFinished, tracked_train
 
-        result = tracked_train(cfg, args)
-    elif cfg.backend == "sam3":
-        from angioexp.backends.sam3.run import train_sam3
-
-        result = train_sam3(cfg, args)
-    else:
-        from angioexp.train.loop import train
-
-        result = train(cfg, resume_from=args.resume)
+            try:
+                result = tracked_train(build_config(args), args)  # a resumed run's own config replaces it
+            except RunFinished as exc:
+                print(exc)
+                return 0
+        else:
+            result = _train_untracked(args)
+    if result is None:
+        return 0
     summary = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.final_metrics.items())
                         if k in ("val/AP", "val/AP75", "val/AP75_tol", "val/dice", "val/cldice", "val/dice_mean_segments"))
     print(f"trained {result.steps} steps ({result.stopped_reason}, {result.wall_seconds / 60:.1f} min) → {result.out_dir}"
           + (f"; {summary}" if summary else "") + (f"; {result.nan_events} non-finite steps" if result.nan_events else ""))
     return 0
+

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from angioexp.data.coco import prediction_source
 from angioexp.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def _load_model(checkpoint_or_model, cfg, device):
         if not isinstance(stored, dict):
             from angioexp.errors import InputError
 
-            raise InputError("checkpoint has no 'config' entry; pass cfg=", file=checkpoint_or_model)
+            raise InputError("checkpoint has no 'config' entry, so the model it belongs to is unknown: use one "
+                             "written by `angioexp train` (<run folder>/checkpoints/best.pt or last.pt)",
+                             file=checkpoint_or_model)
         from angioexp.train.checkpoint import config_from_dict
 
         cfg = config_from_dict(stored, source=checkpoint_or_model)
@@ -189,6 +192,9 @@ def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, devi
                                                  semantic_out=semantic_out))
     finally:
         model.train(was_training)
+    source = prediction_source(coco_dir, split)  # evaluate refuses them against another split
+    for entry in [*results, *(semantic_out or [])]:
+        entry.update(source)
     return results
 
 

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from angioexp.config import dump_yaml, to_dict
-from angioexp.errors import InputError, TrainingDiverged
+from angioexp.errors import InputError, OutputError, TrainingDiverged
 from angioexp.fileio import atomic_file
 from angioexp.train import ddp
 from angioexp.train.callbacks import CallbackList, RunInfo, TrainResult
@@ -40,6 +40,7 @@ from angioexp.train.ema import WeightAverage
 from angioexp.train.nan_guard import NanGuard
 from angioexp.train.optim import build_optimizer, set_learning_rates
 from angioexp.train.schedule import InverseSquareRoot
+from angioexp.train.signals import step_boundary
 
 log = logging.getLogger(__name__)
 BUDGET_PACE_STEPS = 5  # steps timed before a time budget re-plans the LR schedule
@@ -55,10 +56,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_coco_dir(cfg, coco_dir) -> Path:
+    """``coco_dir`` as given (the caller prepared and checked it), else the config's data through
+    :func:`angioexp.pipeline.prepare`, which also refuses a folder converted for the other stage."""
     if coco_dir is not None:
         return Path(coco_dir)
-    if cfg.data.coco_dir:
-        return Path(cfg.data.coco_dir)
     from angioexp.pipeline import prepare  # synthetic default (or an index.csv), cached by digest
 
     return Path(prepare(cfg.data, cfg.stage))
@@ -82,6 +83,14 @@ def load_init_weights(model, cfg, init_checkpoint):
                                     new_by_design=getattr(model, "is_optional_addition", lambda name: False))
     log.info("init weights: %s", report.summary())
     return report
+
+
+def check_init_weights(cfg, init_checkpoint) -> None:
+    """Load the starting weights into a throw-away model on the CPU: weights that do not fit
+    raise :class:`CheckpointLoadError` before any run or folder is created for them."""
+    from angioexp.model.build import build_model
+
+    load_init_weights(build_model(cfg), cfg, init_checkpoint)
 
 
 def _restore_buffers(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
@@ -205,7 +214,13 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
         }
         if ema is not None:
             payload.update(raw_model=model.state_dict(), ema_updates=ema.updates)
-        path = save_checkpoint(out_dir / "checkpoints" / "last.pt", payload)
+        try:
+            path = save_checkpoint(out_dir / "checkpoints" / "last.pt", payload)
+        except OutputError as exc:
+            if not (out_dir / "checkpoints" / "last.pt").is_file():
+                raise
+            raise OutputError(f"{exc}; the checkpoint of step {last_ckpt} is intact — free space, then "
+                              f"`angioexp train --resume {out_dir}` continues from it") from None
         cbs.on_checkpoint(step_done, path)
         return path
 
@@ -255,48 +270,51 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
     loop_start = time.perf_counter()
     try:
         for step in range(start_step, max_steps):
-            t0 = time.perf_counter()
-            if budget_s is not None and step - start_step >= BUDGET_PACE_STEPS:
-                # Plan warm-up/cool-down for the steps the budget allows, at the pace so far
-                # (evaluations included), not for max_steps the budget will never reach.
-                pace = (t0 - loop_start) / (step - start_step)
-                schedule = schedule.fitted(step, pace, budget_s - (t0 - wall_start), max_steps)
-            set_learning_rates(optimizer, schedule.factor(step) * guard.lr_factor)
-            batch = data.batch(step, dist.rank, dist.world_size).to(device)
-            # BatchNorm updates its running statistics in the forward pass: keep them to undo a
-            # bad step (a NaN batch would otherwise poison every later evaluation). A few KB.
-            saved_buffers = [b.detach().clone() for b in model.buffers()]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                outputs = train_model(batch.images, batch.queries)
-            losses = criterion(outputs, batch.targets)
-            loss = losses["loss"]
-            grad_norm = None
-            problem = guard.check_loss(loss, device)
-            if problem is not None:
-                kind, detail = problem
-                if kind == "loss":
-                    bad = sorted(k for k, v in losses.items() if k != "loss" and not torch.isfinite(torch.as_tensor(v)).all())
-                    detail = "non-finite: " + (", ".join(bad) or "loss")
-                _restore_buffers(model, saved_buffers)
-                event = guard.bad_step(step, kind, detail=detail)
-                cbs.on_nan_event(step, event.__dict__)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), max_norm if max_norm else float("inf"), norm_type=cfg.optim.gradient_clip.norm_type)
-                if not guard.finite(grad_norm, device):
+            # a stop signal (Ctrl-C, SIGTERM) waits for the step to complete: the checkpoint
+            # written on the way out must hold the weights of a whole number of steps
+            with step_boundary():
+                t0 = time.perf_counter()
+                if budget_s is not None and step - start_step >= BUDGET_PACE_STEPS:
+                    # Plan warm-up/cool-down for the steps the budget allows, at the pace so far
+                    # (evaluations included), not for max_steps the budget will never reach.
+                    pace = (t0 - loop_start) / (step - start_step)
+                    schedule = schedule.fitted(step, pace, budget_s - (t0 - wall_start), max_steps)
+                set_learning_rates(optimizer, schedule.factor(step) * guard.lr_factor)
+                batch = data.batch(step, dist.rank, dist.world_size).to(device)
+                # BatchNorm updates its running statistics in the forward pass: keep them to undo a
+                # bad step (a NaN batch would otherwise poison every later evaluation). A few KB.
+                saved_buffers = [b.detach().clone() for b in model.buffers()]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    outputs = train_model(batch.images, batch.queries)
+                losses = criterion(outputs, batch.targets)
+                loss = losses["loss"]
+                grad_norm = None
+                problem = guard.check_loss(loss, device)
+                if problem is not None:
+                    kind, detail = problem
+                    if kind == "loss":
+                        bad = sorted(k for k, v in losses.items() if k != "loss" and not torch.isfinite(torch.as_tensor(v)).all())
+                        detail = "non-finite: " + (", ".join(bad) or "loss")
                     _restore_buffers(model, saved_buffers)
-                    event = guard.bad_step(step, "grad", detail=f"grad norm {float(grad_norm)}")
+                    event = guard.bad_step(step, kind, detail=detail)
                     cbs.on_nan_event(step, event.__dict__)
-                    grad_norm = None
                 else:
-                    optimizer.step()
-                    guard.good_step(step)
-                    if ema is not None:
-                        ema.update(model)
-            steps_done = step + 1
-            bar.update(1)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), max_norm if max_norm else float("inf"), norm_type=cfg.optim.gradient_clip.norm_type)
+                    if not guard.finite(grad_norm, device):
+                        _restore_buffers(model, saved_buffers)
+                        event = guard.bad_step(step, "grad", detail=f"grad norm {float(grad_norm)}")
+                        cbs.on_nan_event(step, event.__dict__)
+                        grad_norm = None
+                    else:
+                        optimizer.step()
+                        guard.good_step(step)
+                        if ema is not None:
+                            ema.update(model)
+                steps_done = step + 1
+                bar.update(1)
 
             # -- bookkeeping (skipped steps still count: the data and schedule moved on) ---------
             if grad_norm is not None:
@@ -345,6 +363,11 @@ def train(cfg, *, callbacks=(), coco_dir=None, resume_from=None, init_checkpoint
             if last_ckpt != steps_done:
                 state["last_ckpt"] = checkpoint(steps_done)
             cbs.on_train_end(result("pruned", steps_done, pruned=True))
+        elif isinstance(exc, KeyboardInterrupt) and last_ckpt != steps_done:
+            # Ctrl-C / SIGTERM: keep the finished steps so that --resume continues from here
+            checkpoint(steps_done)
+        if isinstance(exc, KeyboardInterrupt) and dist.is_main and (out_dir / "checkpoints" / "last.pt").is_file():
+            exc.args = (f"stopped after step {steps_done}, checkpoint kept; `angioexp train --resume {out_dir}` continues",)
         dist.close()
         raise
     bar.close()

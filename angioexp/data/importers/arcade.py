@@ -58,7 +58,7 @@ from angioexp.data.importers import read_gray, safe_case_id, write_study
 from angioexp.data.importers.masks import assign_splits, parse_ratios
 from angioexp.data.schema import SPLITS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, resolve_under
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs, resolve_under
 from angioexp.segments import BY_SYNTAX
 
 log = logging.getLogger(__name__)
@@ -348,6 +348,7 @@ def import_arcade(root: str | Path, out_dir: str | Path, *, split_map: str | dic
                   task: str = "syntax", patient_regex: str | None = None, resplit: str | None = None,
                   seed: int = 0, overwrite: bool = False) -> Path:
     """Convert ARCADE's ``task`` under ``root`` to an index.csv study in ``out_dir``."""
+    refuse_output_over_inputs(out_dir, [root])
     task_root, split_dirs = find_split_dirs(Path(root).resolve(), task)
     mapping = split_map if isinstance(split_map, dict) else parse_split_map(split_map)
     try:

@@ -28,7 +28,7 @@ from angioexp.data.importers import IMAGE_SUFFIXES, read_gray, safe_case_id, wri
 from angioexp.data.index import ASPECT_TOLERANCE
 from angioexp.data.schema import SPLITS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def import_masks(
 ) -> Path:
     """Pair images with masks by stem and write an index.csv study to ``out_dir``."""
     images_dir, masks_dir = Path(images_dir).resolve(), Path(masks_dir).resolve()
+    refuse_output_over_inputs(out_dir, [images_dir, masks_dir])
     if images_dir == masks_dir and not mask_suffix:
         raise InputError("images and masks share a folder: give --mask-suffix (e.g. _gt) to tell them apart",
                          key="--mask-suffix")

@@ -41,7 +41,7 @@ from angioexp.data.synthetic.labels import PseudoLabelModel, case_dice_target, c
 from angioexp.data.synthetic.projection import LEFT_VIEWS, RIGHT_VIEWS, STANDARD_VIEWS
 from angioexp.data.synthetic.render import RenderKnobs, render_case
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, write_bytes_atomic, write_json_atomic
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs, write_bytes_atomic, write_json_atomic
 
 GENERATOR = "angioexp.data.synthetic"
 GENERATOR_VERSION = "1.0.0"
@@ -331,6 +331,7 @@ def generate(
     _validate(cases, seed, size, frames, pseudo_dice, workers)
     all_knobs = build_knobs(pseudo_dice, knobs)
     out = Path(out_dir)
+    refuse_output_over_inputs(out)  # no inputs; never the current folder or one above it
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"output already exists (pass --overwrite to replace it): {out}")
 
