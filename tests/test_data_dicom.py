@@ -279,7 +279,7 @@ def test_bad_roots_are_one_line_errors(tmp_path):
     with pytest.raises(InputError, match="not a folder"):
         import_dicom(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "root").mkdir()
-    with pytest.raises(InputError, match="must not be --root or lie inside it"):
+    with pytest.raises(InputError, match="lies inside the input"):
         import_dicom(tmp_path / "root", tmp_path / "root" / "out")
     with pytest.raises(InputError, match="no importable XA cine among 0"):
         import_dicom(tmp_path / "root", tmp_path / "out")

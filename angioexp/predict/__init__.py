@@ -34,18 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from angioexp.errors import InputError
+from angioexp.fileio import refuse_output_over_inputs
 
 log = logging.getLogger(__name__)
 
 ARCADE_NOTE = "ARCADE-format output: no ARCADE exporter in this angioexp; use predictions.json (COCO results)"
-
-
-def check_output_clear(out: str | Path, roots: list[Path]) -> None:
-    """Refuse an output folder that is an input, contains one, or lies inside one (nothing is touched)."""
-    target = Path(out).resolve()
-    for root in roots:
-        if target == root or target in root.parents or root in target.parents:
-            raise InputError(f"the output folder must not be, contain or lie inside an input ({root})", file=out)
 
 
 def load_model(uri: str, device: str = "cpu"):
@@ -166,7 +159,7 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
 
     if not inputs:
         raise InputError("no --input given", key="--input")
-    check_output_clear(out, input_roots(inputs))
+    refuse_output_over_inputs(out, input_roots(inputs))
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError("output already exists (pass --overwrite to replace it)", file=out)

@@ -65,7 +65,7 @@ from angioexp.data.importers.masks import assign_splits, binarise
 from angioexp.data.index import NUMERIC_COLUMNS
 from angioexp.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from angioexp.errors import InputError
-from angioexp.fileio import atomic_dir, write_json_atomic
+from angioexp.fileio import atomic_dir, refuse_output_over_inputs, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +374,7 @@ def import_dicom(
         if folder is not None and not Path(folder).is_dir():
             raise InputError("not a folder", file=folder)
     out = Path(out_dir)
-    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
-        raise InputError("the output folder must not be --root or lie inside it", file=out)
+    refuse_output_over_inputs(out, [root, masks, segments])
     salt_text = salt or os.environ.get(SALT_ENV) or ""
     salt_bytes = salt_text.encode("utf-8") if salt_text else secrets.token_bytes(32)
     if not salt_text:
