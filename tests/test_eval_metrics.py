@@ -1,5 +1,6 @@
-"""evaluate_predictions on thin-vessel phantoms: DESIGN §4b's signature, Stage 2 per-segment
-metrics, conventions for empty images, input checking, and agreement with plain pycocotools."""
+"""evaluate_predictions on thin-vessel phantoms: the ±1 px signature of
+docs/design.md#thin-vessel-metrics, Stage 2 per-segment metrics, conventions for empty images,
+input checking, and agreement with plain pycocotools."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def gt(trees):
 
 @pytest.fixture(scope="module")
 def perturbed(gt, trees):
-    """Metrics of every perturbation of DESIGN §4b, all scored against the same truth."""
+    """Metrics of every perturbation in docs/design.md#thin-vessel-metrics, scored against one truth."""
     kinds = {
         "perfect": lambda m: m,
         "shift1": lambda m: shift(m, 0, 1),
@@ -71,7 +72,7 @@ def perturbed(gt, trees):
     return {name: evaluate_predictions(gt, as_predictions([f(t) for t in trees])).metrics for name, f in kinds.items()}
 
 
-# --- DESIGN §4b: what ±1 px does to thin-vessel metrics --------------------------------------------
+# --- what ±1 px does to thin-vessel metrics (docs/design.md#thin-vessel-metrics) ---------------------
 
 
 def test_perfect_copy_scores_one_everywhere(perturbed):
@@ -82,8 +83,8 @@ def test_perfect_copy_scores_one_everywhere(perturbed):
 def test_one_pixel_shift_signature(perturbed):
     m = perturbed["shift1"]
     assert m["AP50"] >= 0.9  # every tree still found ...
-    assert m["AP75"] <= 0.35  # ... but raw AP75 collapses (DESIGN: 0.036)
-    assert 0.75 <= m["dice"] <= 0.92  # DESIGN: 0.84
+    assert m["AP75"] <= 0.35  # ... but raw AP75 collapses (reference: 0.036)
+    assert 0.75 <= m["dice"] <= 0.92  # reference: 0.84
     assert m["AP75_tol"] >= 0.9 and m["AP_tol"] >= 0.9  # the 1-px tolerance forgives it
     assert m["cldice"] >= 0.9  # centrelines still inside each other
     assert m["AP75_tol"] - m["AP75"] >= 0.5
@@ -91,8 +92,8 @@ def test_one_pixel_shift_signature(perturbed):
 
 def test_dilation_and_erosion(perturbed):
     grown, shrunk = perturbed["dilate1"], perturbed["erode1"]
-    assert grown["AP75"] <= 0.35 and 0.75 <= grown["dice"] <= 0.92  # DESIGN: AP75 0.046, Dice 0.85
-    assert shrunk["AP75"] <= 0.2 and shrunk["dice"] < grown["dice"]  # DESIGN: AP75 0.00, Dice 0.77
+    assert grown["AP75"] <= 0.35 and 0.75 <= grown["dice"] <= 0.92  # reference: AP75 0.046, Dice 0.85
+    assert shrunk["AP75"] <= 0.2 and shrunk["dice"] < grown["dice"]  # reference: AP75 0.00, Dice 0.77
     assert grown["AP75_tol"] >= 0.9 and shrunk["AP75_tol"] >= 0.9
     # Boundary IoU at d = 1 sees that no boundary pixel is where it should be.
     assert grown["biou"] < 0.2 and shrunk["biou"] < 0.2
@@ -100,7 +101,7 @@ def test_dilation_and_erosion(perturbed):
 
 def test_two_pixel_shift_is_worse(perturbed):
     one, two = perturbed["shift1"], perturbed["shift2"]
-    assert two["AP50"] <= one["AP50"] - 0.2  # DESIGN: AP50 0.63
+    assert two["AP50"] <= one["AP50"] - 0.2  # reference: AP50 0.63
     assert two["AP75"] <= 0.05
     assert two["dice"] < one["dice"] - 0.05
     assert two["AP75_tol"] < one["AP75_tol"] - 0.2  # beyond the tolerance

@@ -2,7 +2,7 @@
 
 Runs where the ``sam3`` package imports (``/work/venv-sam3/bin/python -m pytest -m sam3``);
 skips with the reason elsewhere. SAM3's focal losses default to a Triton kernel; on CPU they are
-called with ``triton=False`` (patched into its module), as DESIGN §4 notes.
+called with ``triton=False`` (patched into its module), as docs/design.md#loss-terms notes.
 """
 
 from __future__ import annotations

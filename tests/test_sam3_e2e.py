@@ -107,7 +107,7 @@ def test_real_training_step_to_verified_checkpoint(tmp_path, sam3_run_dir, mlflo
     assert start[0].extra["metrics_logged_by_backend"] and start[0].max_steps == 2
     assert len(recorder.calls["nan"]) == 1 and recorder.calls["eval"][0][0] == 2
 
-    # MLflow got the metrics under DESIGN §6 names, on the optimizer-step axis
+    # MLflow got the metrics under angioexp's names (docs/design.md#metric-keys), on the optimizer-step axis
     history = {key: client.get_metric_history(run_id, key) for key in ("train/loss", "train/nan_events", "val/AP75", "val/dice")}
     assert [m.step for m in history["train/loss"]] == [0, 1]  # SAM3 logs step 0 before the test hook makes it NaN
     assert history["train/nan_events"][-1].value == 1.0

@@ -1,4 +1,4 @@
-"""angioexp.backends.sam3.writer: SAM3's scalar names → DESIGN §6, streamed live into real MLflow.
+"""angioexp.backends.sam3.writer: SAM3's scalar names → docs/design.md#metric-keys, streamed live into real MLflow.
 
 The writer needs no sam3 package, so these tests run in the main environment too.
 """

@@ -39,7 +39,7 @@ def test_shipped_spaces_load_and_cover_the_researchers_values():
     assert mask.low <= 5 and mask.high >= 200  # the seed's 5 and SAM3's 200
     assert by_name["prompts.num_points"].type == "int_range"
     assert by_name["loss.masks.importance_sample_ratio"].when  # a conditional parameter
-    # every loss weight of DESIGN §4 is searched in the AP75 space
+    # every loss weight of docs/design.md#loss-terms is searched in the AP75 space
     for key in ("loss.boxes.loss_bbox", "loss.boxes.loss_giou", "loss.iabce.loss_ce", "loss.iabce.presence_loss",
                 "loss.iabce.pos_weight", "loss.iabce.alpha", "loss.iabce.gamma", "loss.masks.loss_dice",
                 "loss.masks.focal_alpha", "loss.masks.focal_gamma", "loss.semantic.loss_semantic_seg",

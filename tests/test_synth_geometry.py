@@ -171,7 +171,7 @@ def test_anatomy_has_syntax_segments_by_dominance():
         assert p.trees["left"][0].name == "LM"
         lm_diameters.append(p.trees["left"][0].diameters.max())
     assert 3.9 < np.median(lm_diameters) < 4.9  # Dodge et al.: 4.5 ± 0.5 mm (women ~9% less)
-    assert seen["right"] >= 0.6 * 60  # ~82% right-dominant (DESIGN §8)
+    assert seen["right"] >= 0.6 * 60  # ~82% right-dominant (docs/design.md#synthetic-data)
 
 
 def test_standard_views_cover_both_systems():

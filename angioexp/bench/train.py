@@ -20,7 +20,7 @@ from pathlib import Path
 from angioexp.bench import Figure
 
 TITLE = "Core model training speed on CPU (2 threads)"
-GOAL_256 = 3.0  # img/s, DESIGN §5: a 0.5 M-parameter U-Net's speed at 256², batch 8
+GOAL_256 = 3.0  # img/s, docs/design.md#performance-goals: a 0.5 M-parameter U-Net's speed at 256², batch 8
 
 
 def _images_per_s(coco: Path, size: int | None, crop: int | None, steps: int, batch: int = 8, stage: int = 1) -> tuple[float, int]:

@@ -27,7 +27,7 @@ DEFAULT_EXPERIMENTS = ("angioexp-stage1", "angioexp-stage2")
 SWEEP_EXPERIMENT = "angioexp-sweeps"
 DASHBOARD_EXPERIMENT = "angioexp-dashboards"
 
-# Headline validation metrics, in display order (DESIGN §6 + the vessel-grade ones of §4b).
+# Headline validation metrics, in display order (docs/design.md#metric-keys, vessel-grade ones included).
 HEADLINE = ("val/AP75_tol", "val/AP75", "val/AP_tol", "val/AP", "val/AP50", "val/dice", "val/cldice", "val/biou",
             "val/semantic/dice", "val/dice_mean_segments", "val/semantic/dice_mean_segments",
             # Stage 2 headline with its reference points (angioexp.evaluate.segments)

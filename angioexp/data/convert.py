@@ -1,4 +1,4 @@
-"""``index.csv`` → COCO (DESIGN §3): ``angioexp convert --index CSV --out DIR --stage 1|2``.
+"""``index.csv`` → COCO (docs/design.md#coco-layout): ``angioexp convert --index CSV --out DIR --stage 1|2``.
 
 Output, per split present in the CSV::
 

@@ -1,4 +1,4 @@
-"""Read and validate the researcher's ``index.csv`` (DESIGN §2; columns in :mod:`.schema`).
+"""Read and validate the researcher's ``index.csv`` (docs/design.md#raw-layout; columns in :mod:`.schema`).
 
 Two levels of checks, both raising :class:`~angioexp.errors.InputError`:
 

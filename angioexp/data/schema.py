@@ -1,4 +1,4 @@
-"""The researcher's raw layout: ``index.csv`` columns (DESIGN §2). One row per annotated frame."""
+"""The researcher's raw layout: ``index.csv`` columns (docs/design.md#raw-layout). One row per annotated frame."""
 
 REQUIRED_COLUMNS = (
     "case_id",  # unique per row

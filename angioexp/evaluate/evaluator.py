@@ -1,7 +1,7 @@
 """Vessel-grade evaluation of COCO segmentation results: :func:`evaluate_predictions`.
 
 Why more than COCO AP: on vessels 3–8 px wide, a mask 1 px off scores AP75 ≈ 0.04 while its
-Dice is 0.84 (DESIGN §4b), so raw AP75 measures label noise more than the model. Every
+Dice is 0.84 (docs/design.md#thin-vessel-metrics), so raw AP75 measures label noise more than the model. Every
 evaluation therefore reports, beside AP/AP50/AP75, the same AP with a d-px boundary tolerance,
 Dice, clDice and Boundary IoU; :func:`label_noise_ceiling` says what the labels themselves allow.
 """

@@ -1,9 +1,10 @@
 """Thin-vessel tree phantoms and the perturbations that mimic label noise.
 
-Used by the metric tests (DESIGN §4b's figures) and the evaluation benchmark. These are
-geometric test objects, not the realistic angiography generator (``angioexp.data.synthetic``):
-a branching tree of smooth curves whose widths taper from ``max_width`` to ``min_width`` px,
-which is exactly the regime where a 1-px boundary error costs a large fraction of IoU.
+Used by the metric tests (the figures of docs/design.md#thin-vessel-metrics) and the evaluation
+benchmark. These are geometric test objects, not the realistic angiography generator
+(``angioexp.data.synthetic``): a branching tree of smooth curves whose widths taper from
+``max_width`` to ``min_width`` px, which is exactly the regime where a 1-px boundary error costs
+a large fraction of IoU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SAM3's matcher and loss terms, re-implemented with SAM3's names and semantics (DESIGN §4).
+"""SAM3's matcher and loss terms, re-implemented with SAM3's names and semantics (docs/design.md#loss-terms).
 
 Data contract (the same packed layout as ``sam3.train.loss``, so that our terms can be compared
 to SAM3's on identical tensors). A *find query* is one (image, prompt) pair; B find queries per

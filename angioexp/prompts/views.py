@@ -1,14 +1,14 @@
 """C-arm view classes from the projection angles (the model's view token and auxiliary head).
 
-Angles follow DESIGN §2: ``primary_angle`` LAO positive / RAO negative, ``secondary_angle``
-CRA positive / CAU negative, in degrees.
+Angles follow the raw layout (docs/design.md#raw-layout): ``primary_angle`` LAO positive /
+RAO negative, ``secondary_angle`` CRA positive / CAU negative, in degrees.
 
 Bins (boundaries chosen between the standard projections so none sits near an edge):
     primary   RAO   p ≤ −15         AP   −15 < p < 15      LAO   15 ≤ p < 70
               lateral |p| ≥ 70 (LAO 90 / RAO 90), whatever the secondary angle
     secondary CAU   s ≤ −10         none −10 < s < 10      CRA   s ≥ 10
 
-Standard projections (DESIGN §8) and their classes:
+Standard projections (docs/design.md#synthetic-data) and their classes:
     left system   RAO 30/CAU 25 → RAO_CAU   RAO 30/CRA 30 → RAO_CRA   AP/CRA 30–40 → AP_CRA
                   LAO 45/CRA 25 → LAO_CRA   LAO 50/CAU 25 "spider" → LAO_CAU   LAO 90 → LATERAL
     right system  LAO 30–45 → LAO           RAO 30 → RAO              AP/CRA 25 → AP_CRA

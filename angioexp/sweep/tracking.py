@@ -1,4 +1,4 @@
-"""MLflow for sweeps: one parent run per study, one nested run per trial (DESIGN §6).
+"""MLflow for sweeps: one parent run per study, one nested run per trial (docs/design.md#tracking).
 
 Experiment ``angioexp-sweeps``. The parent run (tag ``sweep.role=parent``) is found again by its
 ``sweep.study`` tag when a study is resumed, so a study has exactly one parent however often it

@@ -57,7 +57,7 @@ def git_sha(start: Path | None = None) -> tuple[str, bool | None]:
 
 
 def run_tags(cfg, *, digest: str, sweep_study: str | None = None, init=None) -> dict[str, str]:
-    """The tags every angioexp run carries (DESIGN §6), plus lineage for the compare view."""
+    """The tags every angioexp run carries (docs/design.md#tags), plus lineage for the compare view."""
     sha, dirty = git_sha()
     tags = {
         "stage": str(cfg.stage),

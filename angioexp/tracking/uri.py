@@ -1,6 +1,6 @@
 """Where runs go: the tracking URI, the artifact root, experiments, and an up-front reachability check.
 
-Defaults (DESIGN §6): ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
+Defaults (docs/design.md#tracking): ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
 Artifacts of experiments created here go under ``ANGIOEXP_ARTIFACT_ROOT``, else
 ``<cwd>/mlartifacts`` (MLflow 3 no longer accepts a plain file store by default, so the SQLite
 store needs an explicit artifact root next to it). Remote servers choose their own artifact

@@ -2,7 +2,7 @@
 
 Training code knows nothing of MLflow or Optuna: it calls these hooks, and
 ``angioexp.tracking`` (MLflow) and ``angioexp.sweep`` (Optuna pruning) implement them.
-Metric names follow DESIGN §6: ``train/loss``, ``train/<term>``, ``train/grad_norm``,
+Metric names follow docs/design.md#metric-keys: ``train/loss``, ``train/<term>``, ``train/grad_norm``,
 ``train/lr``, ``train/nan_events``, ``train/images_per_s``, ``val/AP``, ``val/AP50``,
 ``val/AP75``, ``val/AP_tol``, ``val/AP75_tol``, ``val/dice``, ``val/cldice``, ``val/biou``,
 ``val/AP75/<segment slug>``, ``val/dice/<segment slug>``.

@@ -55,7 +55,7 @@ CHANGES = [
     "trainer: angioexp.backends.sam3.trainer.GuardedTrainer — NaN guard (skip / restore + LR "
     "backoff / diverged) instead of FloatingPointError",
     "logging.tensorboard_writer: angioexp.backends.sam3.writer.make_mlflow_writer — scalars "
-    "streamed live to MLflow under DESIGN §6 names",
+    "streamed live to MLflow under angioexp's metric names (docs/design.md#metric-keys)",
     "data: CentrelinePrompts after DecodeRle (prompts.*); collate input_points_embedding_dim=3",
     "loss: segmentation losses enabled with SemanticSegCriterion at sam3.train.loss.loss_fns "
     "(SAM3's commented example names sam3.losses.loss_fns, which does not exist)",

@@ -93,7 +93,7 @@ class Sam3NanGuard(NanGuard):
 
 
 class GuardedTrainer(Trainer):
-    """``sam3.train.trainer.Trainer`` + NaN guard + DESIGN §6 step metrics.
+    """``sam3.train.trainer.Trainer`` + NaN guard + the step metrics of docs/design.md#metric-keys.
 
     Extra keyword arguments (all others are SAM3's):
         nan_guard: ``NanGuardConfig`` fields.

@@ -4,7 +4,8 @@ SAM3's trainer logs through ``Logger`` → ``tensorboard_writer`` with ``log(nam
 ``log_dict(payload, step)`` and ``log_hparams(hparams, meters)``. :func:`make_mlflow_writer` is
 the Hydra target the generated config puts there. It
 
-* renames SAM3's keys to DESIGN §6 names (:func:`map_key`), dropping bookkeeping keys;
+* renames SAM3's keys to angioexp's metric names (docs/design.md#metric-keys) with
+  :func:`map_key`, dropping bookkeeping keys;
 * batches metrics and sends them with ``MlflowClient().log_batch(run_id, ...)`` every
   ``flush_secs`` (and on every evaluation), so the MLflow UI follows the run while it trains;
 * appends each step's train metrics and each evaluation's val metrics to ``events.jsonl``, which
@@ -44,7 +45,7 @@ _STEP_STATS_KEY = re.compile(r"^Step_Stats/(?P<phase>train|val)/(?P<name>.+)$")
 
 
 def map_key(name: str) -> str | None:
-    """SAM3 scalar name → DESIGN §6 metric name, or None to drop it.
+    """SAM3 scalar name → angioexp metric name (docs/design.md#metric-keys), or None to drop it.
 
     >>> map_key("Step_Losses/Losses/train_all_loss")
     'train/loss'

@@ -1,4 +1,4 @@
-"""Importers: datasets users bring → the raw index.csv layout (DESIGN §2), ready for ``convert``.
+"""Importers: datasets users bring → the raw index.csv layout (docs/design.md#raw-layout), ready for ``convert``.
 
 * :mod:`.arcade` — ARCADE's COCO polygons (the syntax task: segments "1" … "16c" and
   "stenosis"; the stenosis task on request).

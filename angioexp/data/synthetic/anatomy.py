@@ -15,7 +15,7 @@ right, −117° inferior (diaphragmatic), 180° posterior, 127° left. The groov
 * the AV ring s ≈ 0: the RCA runs from θ ≈ −5° down through the acute margin (≈ −75°) to the
   crux; the LCx from θ_AIV the other way round (through the obtuse margin ≈ 115°) toward it.
 
-Published figures used (DESIGN §8):
+Published figures used (docs/design.md#synthetic-data):
 * Lumen diameters: Dodge et al., Circulation 1992;86:232 (83 normal arteriograms): left main
   4.5 ± 0.5 mm; proximal LAD 3.7 ± 0.4; distal LAD 1.9 ± 0.4; proximal RCA 3.9 ± 0.6 in
   right-dominant vs 2.8 ± 0.5 in left-dominant hearts; proximal LCx 3.4 ± 0.5 (right-dominant)

@@ -1,4 +1,4 @@
-"""``generate()``: a synthetic angiography study in the researcher's index.csv layout (DESIGN §2).
+"""``generate()``: a synthetic angiography study in the researcher's index.csv layout (docs/design.md#raw-layout).
 
 Layout written (paths in index.csv are relative to its folder)::
 

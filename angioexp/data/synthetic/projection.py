@@ -17,7 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
-# Standard projections (DESIGN §8). name → (system, primary, secondary) in degrees.
+# Standard projections (docs/design.md#synthetic-data). name → (system, primary, secondary) in degrees.
 STANDARD_VIEWS: dict[str, tuple[str, float, float]] = {
     "RAO30_CAU25": ("left", -30.0, -25.0),
     "RAO30_CRA30": ("left", -30.0, 30.0),
