@@ -253,3 +253,12 @@ def test_identity_outputs_semantic_masks_and_their_pieces(tree_labelling):
             assert not (piece & ~mask).any()
         assert all(r["score"] <= result["score"] + 1e-9 for r in instances
                    if (r["image_id"], r["category_id"]) == (result["image_id"], result["category_id"]))
+
+
+def test_paired_interval_of_the_stage2_bench():
+    from angioexp.bench.stage2 import paired_interval
+
+    mean, low, high = paired_interval([0.1, 0.2, 0.3])  # sd 0.1, t(0.975, 2) = 4.3027
+    assert mean == pytest.approx(0.2)
+    assert high - mean == pytest.approx(4.3027 * 0.1 / math.sqrt(3), rel=1e-4) and mean - low == pytest.approx(high - mean)
+    assert math.isnan(paired_interval([0.05])[1])  # one pair is an anecdote: no interval
