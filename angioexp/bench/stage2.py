@@ -132,11 +132,12 @@ def _measure(root: Path, quick: bool) -> list[Figure]:
                 row[f"{mark:g}"] = metrics["val/segments/dice_common"]
             metrics, gt = _score(result.best_checkpoint or result.checkpoint, coco, root / f"eval_{arm}_{seed}_end", gt)
             row["end"] = metrics["val/segments/dice_common"]
-            reference = {k: metrics[f"val/segments/{k}"] for k in ("floor_common", "ceiling_common", "n_frames")}
+            reference = {k: metrics[f"val/segments/{k}"] for k in ("floor_common", "ceiling_common", "n_frames", "n_common")}
             scores[arm, seed] = row
             log.info("stage2 bench seed %d %s: %s", seed, arm, row)
 
-    figures = [Figure("test frames / common segments", f"{reference.get('n_frames', float('nan')):.0f}",
+    figures = [Figure("test frames / common segments",
+                      f"{reference.get('n_frames', float('nan')):.0f} / {reference.get('n_common', float('nan')):.0f}",
                       note=f"{cases} single-frame synthetic cases, data seed {DATA_SEED}; "
                            f"floor {reference.get('floor_common', float('nan')):.3f}, "
                            f"ceiling {reference.get('ceiling_common', float('nan')):.3f}")]
