@@ -7,6 +7,7 @@ CPU per run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -217,7 +218,30 @@ def test_concurrent_runs_and_a_sweep_on_a_tracking_server_over_postgresql(coco, 
 
     from angioexp.sweep.storage import _with_available_driver  # SQLAlchemy 2.1 defaults to psycopg 3
 
-    with mlflow_server(_with_available_driver(PG_URL)) as base:
+    # A database of its own: MLflow's schema (its alembic_version table) in the shared test
+    # database would make Optuna's RDB storage, which keeps its own alembic_version, refuse it.
+    with _scratch_database(PG_URL) as url, mlflow_server(_with_available_driver(url)) as base:
         env = {**ENV, "MLFLOW_TRACKING_URI": base, "ANGIOEXP_ARTIFACT_ROOT": str(tmp_path / "mlartifacts")}
         env.pop("MLFLOW_RUN_ID", None)
         _concurrent_runs_and_sweep(tmp_path, coco, env, base)
+
+
+@contextlib.contextmanager
+def _scratch_database(url: str):
+    """A new, empty database on the server of ``url`` (dropped afterwards): its URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg2
+
+    name = f"angioexp_load_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        parts = urlsplit(url)
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

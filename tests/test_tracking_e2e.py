@@ -107,12 +107,13 @@ def test_stage1_then_stage2_read_back_through_the_client(two_stages, tmp_path):
     assert s2.data.tags["init.model_name"] == "angio-stage1" and s2.data.tags["init.version"] == "1"
 
     # registry: both stages, aliases, lineage
-    for name, run in (("angio-stage1", s1), ("angio-stage2", s2)):
+    # (core Stage 2 chooses its champion on the segment headline, STAGE_DEFAULTS)
+    for name, run, primary in (("angio-stage1", s1, "val/AP75_tol"), ("angio-stage2", s2, "val/segments/dice_common")):
         model = client.get_registered_model(name)
         assert {a: str(v) for a, v in model.aliases.items()} == {"champion": "1", "challenger": "1"}
         mv = client.get_model_version(name, "1")
         assert mv.run_id == run.info.run_id
-        assert mv.tags["primary_metric"] == "val/AP75_tol"
+        assert mv.tags["primary_metric"] == primary
     assert client.get_model_version("angio-stage2", "1").tags["init_from.version"] == "angio-stage1/1"
 
     # the registered model: weights_only-loadable state dict, and a working pyfunc

@@ -19,8 +19,10 @@ from test_core_fixtures import STAGE2_LABELS, make_vessel_coco
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("inf")
     coco = make_vessel_coco(root / "coco", stage=2, size=64, n_train=4, n_val=3, seed=5)
+    # the per-prompt (SAM3) outputs; the identity head's are tested in test_stage2_identity.py
     cfg = load_config(None, ["init_from=none", "scratch.resolution=64", "scratch.train_batch_size=2", "train.max_steps=3",
-                             "train.eval_every=100", f"train.out_dir={root / 'run'}", "eval.overlays=2"], stage=2)
+                             "train.eval_every=100", f"train.out_dir={root / 'run'}", "eval.overlays=2",
+                             "model.identity_head=false"], stage=2)
     result = train(cfg, coco_dir=coco)
     return coco, result, cfg
 
