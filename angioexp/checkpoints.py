@@ -74,8 +74,11 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
-            raise InputError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", file=path) from None
+        # torch's safe unpickler names a Python object it will not build "Unsupported global";
+        # anything else (bytes that are no pickle at all) is a corrupt file, not an unsafe one
+        if "unsupported global" not in str(exc).lower():
+            raise InputError(f"cannot read checkpoint: not a torch checkpoint, or corrupt ({type(exc).__name__})",
+                             file=path) from None
         # torch's own advice here is to retry with weights_only=False, i.e. to run the file's code
         raise InputError(
             "refused as unsafe: it holds pickled Python objects, which could run code when loaded; a safe "

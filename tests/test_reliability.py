@@ -378,6 +378,11 @@ def test_checkpoint_messages_speak_cli(coco, tmp_path, capsys):
     assert main(["evaluate", "--coco", str(coco), "--checkpoint", str(unsafe), "--gt", "train", "--out", str(tmp_path / "e")]) == 2
     line = _last_error(capsys)
     assert "refused as unsafe" in line and "weights_only=False" not in line
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")  # corrupt, not unsafe
+    assert main(["evaluate", "--coco", str(coco), "--checkpoint", str(garbage), "--gt", "train", "--out", str(tmp_path / "e")]) == 2
+    line = _last_error(capsys)
+    assert "cannot read checkpoint" in line and "unsafe" not in line
 
 
 # --- 10. predictions scored against another split ----------------------------------------------
