@@ -40,10 +40,12 @@ class DataConfig:
     index_csv: str | None = None  # a raw index.csv to convert (used when coco_dir is None)
     convert_size: int | None = None  # index_csv only: scale frames' longer side to N px (None: keep)
     cache_dir: str = "data"  # prepared datasets are cached here, keyed by their digest
-    synth_cases: int = 240  # synthetic default: patients/cases to generate
+    # synthetic default: 2200 single annotated frames (the training sets want many distinct trees,
+    # not cine frames of one: ≥ 1,500 train and ≥ 300 test frames after the patient-level split)
+    synth_cases: int = 2200
     synth_seed: int = 0
     synth_size: int = 512
-    synth_frames: int = 8
+    synth_frames: int = 1
     train_split: str = "train"
     val_split: str = "val"
     max_val_images: int | None = None  # cap evaluation cost during training

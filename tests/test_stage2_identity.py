@@ -182,6 +182,24 @@ def test_segment_report_confusion_counts_vessel_pixels(tmp_path):
     assert set(table["slug"]) == {"rca_proximal", "rca_mid", "catheter"}
 
 
+def test_segment_report_ungated_figure_ignores_presence_scores():
+    coco, truth = _frames()
+    gt = load_ground_truth(coco)
+    # Every pixel named right, but segment 2's presence score is under the threshold: the gated
+    # headline loses it, the threshold-free figure from the label maps does not.
+    results = [dict(r, score=0.1 if r["category_id"] == 2 else 0.9) for r in _as_results(truth, lambda m: m)]
+    gated = evaluate_predictions(gt, results, per_category=True, score_threshold=0.5)
+    labels = {i: np.where(m[1], 1, np.where(m[2], 2, 0)) for i, m in truth.items()}
+    report = segment_report(gt, gated.per_pair, predicted_label_maps=labels, n_bootstrap=10)
+    assert report.metrics["dice_common"] == pytest.approx(0.5)
+    assert report.metrics["dice_common_ungated"] == pytest.approx(1.0)
+    assert report.per_segment.set_index("slug").loc["rca_mid", "dice_ungated"] == pytest.approx(1.0)
+    swapped = {i: np.where(m[1], 2, np.where(m[2], 1, 0)) for i, m in truth.items()}
+    assert segment_report(gt, gated.per_pair, predicted_label_maps=swapped,
+                          n_bootstrap=10).metrics["dice_common_ungated"] == pytest.approx(0.0)
+    assert "dice_common_ungated" not in segment_report(gt, gated.per_pair, n_bootstrap=10).metrics
+
+
 def test_rare_segment_sampler_draws_frames_with_rare_segments_more_often(coco_stage2):
     from angioexp.model.build import resolved_num_views
     from angioexp.train.data import TrainingSet

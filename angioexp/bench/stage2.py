@@ -28,7 +28,7 @@ from angioexp.train.callbacks import Callback
 TITLE = "Stage 2: segment identity, Stage 1 init vs scratch (paired seeds, test split, clean truth)"
 
 SEEDS = (0, 1, 2)
-CASES = 2000  # single-frame cases → ≥ 300 test frames after the 70/15/15 patient split
+CASES = 2200  # single-frame cases → 1524 train / 339 val / 337 test frames (patient-level split)
 DATA_SEED = 0
 STAGE1_MINUTES = 10.0
 STAGE2_MINUTES = 10.0

@@ -6,7 +6,9 @@ pair counts when either side is non-empty (a missed segment and a false alarm bo
 averaged per segment over the frames, then macro-averaged over the *common* segments: those
 present in ≥ ``common_fraction`` of the split's frames, the catheter excluded (it is no coronary
 segment). A bootstrap over frames gives its 95 % interval. ``dice_all`` is the same macro over
-every segment with truth in the split.
+every segment with truth in the split. ``dice_common_ungated`` (given the predicted label maps):
+the same macro over the label maps themselves, every named pixel counted whatever its presence
+score — the threshold-free figure that sets score calibration aside.
 
 Reference points, on the same frames and segments:
     floor    no identity: the whole true vessel tree submitted for every segment present
@@ -33,8 +35,8 @@ EXCLUDED_SLUGS = ("catheter",)
 
 @dataclass
 class SegmentReport:
-    metrics: dict[str, float]  # dice_common (+ _ci_low/_ci_high), dice_all, floor_*, ceiling_*, n_common
-    per_segment: pd.DataFrame  # slug, frames_with_truth, fraction, common, dice, floor, ceiling
+    metrics: dict[str, float]  # dice_common (+ _ci_low/_ci_high, _ungated), dice_all, floor_*, ceiling_*, n_common
+    per_segment: pd.DataFrame  # slug, frames_with_truth, fraction, common, dice, dice_ungated, floor, ceiling
     confusion: pd.DataFrame | None  # truth slug × predicted slug (+ "background"), pixel counts
 
     def write(self, out_dir: str | Path) -> None:
@@ -82,6 +84,7 @@ def segment_report(gt: GroundTruth, per_pair: pd.DataFrame, *, working_resolutio
     dice = np.full((len(image_ids), len(categories)), np.nan)
     floor = np.full_like(dice, np.nan)
     ceiling = np.full_like(dice, np.nan)
+    ungated = np.full_like(dice, np.nan)
     has_truth = np.zeros_like(dice, dtype=bool)
     for row in per_pair.itertuples(index=False):
         dice[row_of[row.image_id], col_of[row.category_id]] = row.dice
@@ -106,6 +109,9 @@ def segment_report(gt: GroundTruth, per_pair: pd.DataFrame, *, working_resolutio
             predicted = predicted_label_maps[image_id]
             vessel = truth > 0
             np.add.at(confusion, (index_of[truth[vessel]], index_of[predicted[vessel]]), 1)
+            named = np.union1d(truth[vessel], predicted[predicted > 0])
+            for category_id in named[np.isin(named, categories)]:
+                ungated[i, col_of[int(category_id)]] = _dice(truth == category_id, predicted == category_id)
 
     n = len(image_ids)
     fraction = has_truth.sum(0) / max(n, 1)
@@ -128,6 +134,8 @@ def segment_report(gt: GroundTruth, per_pair: pd.DataFrame, *, working_resolutio
             "floor_common": macro(floor, common), "floor_all": macro(floor, with_truth),
             "n_common": float(common.sum()), "n_frames": float(n),
         }
+        if predicted_label_maps is not None:
+            metrics["dice_common_ungated"] = macro(ungated, common)
         if working_resolution:
             metrics["ceiling_common"] = macro(ceiling, common)
             metrics["ceiling_all"] = macro(ceiling, with_truth)
@@ -138,7 +146,9 @@ def segment_report(gt: GroundTruth, per_pair: pd.DataFrame, *, working_resolutio
         metrics["dice_common_ci_high"] = float(np.percentile(boot, 97.5)) if boot.size else float("nan")
         per_segment = pd.DataFrame({
             "slug": slugs, "frames_with_truth": has_truth.sum(0), "fraction": fraction, "common": common,
-            "dice": np.nanmean(dice, axis=0), "floor": np.nanmean(floor, axis=0),
+            "dice": np.nanmean(dice, axis=0),
+            "dice_ungated": np.nanmean(ungated, axis=0) if predicted_label_maps is not None else np.nan,
+            "floor": np.nanmean(floor, axis=0),
             "ceiling": np.nanmean(ceiling, axis=0) if working_resolution else np.nan,
         })
     table = None
