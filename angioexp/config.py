@@ -471,12 +471,13 @@ class Leaf(NamedTuple):
 
 
 @functools.cache
-def _leaves(cls: type = None, prefix: str = "") -> dict[str, Leaf]:
+def key_fields(cls: type = None, prefix: str = "") -> dict[str, Leaf]:
+    """Every settable dotted key → its declared type and dataclass field (help, constraints)."""
     hints = typing.get_type_hints(cls or Config)
     out: dict[str, Leaf] = {}
     for f in dataclasses.fields(cls or Config):
         if dataclasses.is_dataclass(hints[f.name]):
-            out.update(_leaves(hints[f.name], f"{prefix}{f.name}."))
+            out.update(key_fields(hints[f.name], f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = Leaf(hints[f.name], f)
     return out
@@ -484,7 +485,7 @@ def _leaves(cls: type = None, prefix: str = "") -> dict[str, Leaf]:
 
 def all_keys(cls: type = None, prefix: str = "") -> dict[str, Any]:
     """Every settable dotted key → its declared type."""
-    return {key: leaf.type for key, leaf in _leaves(cls, prefix).items()}
+    return {key: leaf.type for key, leaf in key_fields(cls, prefix).items()}
 
 
 def sections(cls: type = None, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -537,6 +538,11 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def _put(cfg: Any, key: str, value: Any) -> None:
+    section_name, _, name = key.rpartition(".")
+    setattr(_get(cfg, section_name) if section_name else cfg, name, value)
+
+
 def _build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -566,7 +572,7 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true/false", "
                "tuple": "a list", "list": "a list"}
 
 
-def _base(tp: Any) -> Any:
+def without_null(tp: Any) -> Any:
     """``X | None`` → X."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
@@ -578,7 +584,7 @@ def nullable(tp: Any) -> bool:
 
 def describe_bounds(key: str) -> str:
     """The field's constraints in words ("must be in [0, 1]"), "" when it has none."""
-    meta = _leaves()[key].field.metadata
+    meta = key_fields()[key].field.metadata
     b, parts = meta["bounds"], []
     lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
     hi = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
@@ -593,7 +599,7 @@ def describe_bounds(key: str) -> str:
     text = "must be " + " and ".join(parts) if parts else (meta["check"][1] if meta["check"] else "")
     if text and meta["why"]:
         text += f" ({meta['why']})"
-    if parts and nullable(_leaves()[key].type):
+    if parts and nullable(key_fields()[key].type):
         text += " (or null)"
     return text
 
@@ -611,7 +617,7 @@ def _checked(check: Check) -> Callable[[Any], Any]:
 
 @functools.cache
 def _adapter(key: str) -> pydantic.TypeAdapter:
-    leaf = _leaves()[key]
+    leaf = key_fields()[key]
     meta = leaf.field.metadata
     extras = ([pydantic.Field(**meta["bounds"])] if meta["bounds"] else []) + (
         [pydantic.AfterValidator(_checked(meta["check"]))] if meta["check"] else [])
@@ -625,8 +631,8 @@ def _where(source: str | None) -> str | None:
 
 def _typed(key: str, value: Any, source: str | None) -> Any:
     """``value`` (YAML-typed, or text) as the key's declared type, checked; ConfigError otherwise."""
-    leaf = _leaves()[key]
-    base = _base(leaf.type)
+    leaf = key_fields()[key]
+    base = without_null(leaf.type)
     fail = functools.partial(ConfigError, file=_where(source), key=key)
     if leaf.field.metadata["parse"]:
         value = leaf.field.metadata["parse"](value)
@@ -681,7 +687,7 @@ def sources(cfg: Config) -> dict[str, str]:
     """Where each key's value came from: "default", "backend sam3", "stage 2", "core stage 2",
     "file my.yaml", "--set", a command-line flag ("--stage", "--max-steps") or "code"."""
     recorded = getattr(cfg, "_sources", {})
-    return {key: recorded.get(key, "default") for key in _leaves()}
+    return {key: recorded.get(key, "default") for key in key_fields()}
 
 
 def _record(cfg: Config, key: str, source: str) -> None:
@@ -699,7 +705,7 @@ def _layers(backend: str, stage: int) -> list[tuple[str, dict[str, Any]]]:
 
 def defaults_for(backend: str, stage: int) -> dict[str, tuple[Any, str]]:
     """Every key's default for this backend and stage → (value, source)."""
-    out = {key: (leaf.field.default, "default") for key, leaf in _leaves().items()}
+    out = {key: (leaf.field.default, "default") for key, leaf in key_fields().items()}
     for label, row in _layers(backend, stage):
         out.update({key: (value, label) for key, value in row.items()})
     return out
@@ -708,7 +714,7 @@ def defaults_for(backend: str, stage: int) -> dict[str, tuple[Any, str]]:
 def _changed_under(cfg: Config, prefix: str) -> str | None:
     """The first key under ``prefix`` whose value differs from this backend and stage's default."""
     defaults = defaults_for(cfg.backend, cfg.stage)
-    for key in _leaves():
+    for key in key_fields():
         if key.startswith(prefix) and _get(cfg, key) != _typed(key, defaults[key][0], defaults[key][1]):
             return key
     return None
@@ -723,7 +729,7 @@ def _mapping_leaves(data: Any, source: str, prefix: str = "") -> dict[str, tuple
     where = _where(source)
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping, got {type(data).__name__}", file=where, key=prefix.rstrip(".") or None)
-    leaves, groups, out = _leaves(), sections(), {}
+    leaves, groups, out = key_fields(), sections(), {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if key in groups:
@@ -744,7 +750,7 @@ def parse_override(text: str) -> tuple[str, str]:
 
 def _resolve(explicit: dict[str, tuple[Any, str]], *, stored: bool) -> Config:
     """Field defaults ← DEFAULTS rows of the resolved (backend, stage) ← ``explicit``; validated."""
-    pick = {key: explicit.get(key, (_leaves()[key].field.default, "default")) for key in ("stage", "backend")}
+    pick = {key: explicit.get(key, (key_fields()[key].field.default, "default")) for key in ("stage", "backend")}
     stage, backend = (_typed(key, *pick[key]) for key in ("stage", "backend"))
     resolved = {**defaults_for(backend, stage), **explicit}
     cfg = _build(Config, {key: _typed(key, value, origin) for key, (value, origin) in resolved.items()})
@@ -781,8 +787,8 @@ def load_config(
         explicit["backend"] = (backend, "--backend")
     for text in overrides or []:
         key, value = parse_override(text)
-        if key not in _leaves():
-            raise ConfigError(f"unknown config key{_suggest(key, _leaves())}", file="--set", key=key)
+        if key not in key_fields():
+            raise ConfigError(f"unknown config key{_suggest(key, key_fields())}", file="--set", key=key)
         explicit[key] = (_yaml_value(value), "--set")
     return _resolve(explicit, stored=stored)
 
@@ -795,11 +801,9 @@ def config_from_dict(data: dict, *, source: str | Path | None = None) -> Config:
 def set_value(cfg: Config, key: str, value: Any, source: str | None = None) -> None:
     """Set one dotted key (value as YAML text or a Python value), typed and checked; recorded as
     the value's source. Call :func:`validate` after the last one (contradictions)."""
-    if key not in _leaves():
-        raise ConfigError(f"unknown config key{_suggest(key, _leaves())}", file=source, key=key)
-    value = _typed(key, _yaml_value(value) if isinstance(value, str) else value, source)
-    parts = key.split(".")
-    setattr(_get(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg, parts[-1], value)
+    if key not in key_fields():
+        raise ConfigError(f"unknown config key{_suggest(key, key_fields())}", file=source, key=key)
+    _put(cfg, key, _typed(key, _yaml_value(value) if isinstance(value, str) else value, source))
     _record(cfg, key, source or "code")
 
 
@@ -809,8 +813,8 @@ def validate(cfg: Config, source: str | None = None, *, stored: bool = False) ->
     ``stored``: a run's own config, which already ran — contradictions are not refused, and those
     the code used to resolve silently are resolved the same way (``Contradiction.stored_fix``)."""
     origin = sources(cfg)
-    for key in _leaves():
-        _typed(key, _get(cfg, key), source or origin[key])
+    for key in key_fields():  # values code assigned directly are checked (and typed) too
+        _put(cfg, key, _typed(key, _get(cfg, key), source or origin[key]))
     for rule in CONTRADICTIONS:
         if not rule.when(cfg):
             continue

@@ -39,7 +39,7 @@ def resolved_with_sources(cfg: C.Config) -> str:
 
 
 def _type_words(tp: typing.Any) -> str:
-    base, null = C._base(tp), " \\| null" if C.nullable(tp) else ""
+    base, null = C.without_null(tp), " \\| null" if C.nullable(tp) else ""
     if typing.get_origin(base) is typing.Literal:
         return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(base)) + null
     if typing.get_origin(base) is tuple:
@@ -79,7 +79,7 @@ def reference() -> str:
         "| key | field default | " + " | ".join(label for _, label in rows) + " |",
         "|---|---|" + "---|" * len(rows),
     ]
-    leaves = C._leaves()
+    leaves = C.key_fields()
     for key in sorted({k for row, _ in rows for k in C.DEFAULTS[row]}, key=list(leaves).index):
         cells = [f"`{C.show_value(C.DEFAULTS[row][key])}`" if key in C.DEFAULTS[row] else "" for row, _ in rows]
         out.append(f"| `{key}` | `{C.show_value(leaves[key].field.default)}` | " + " | ".join(cells) + " |")

@@ -61,7 +61,7 @@ def test_defaults_table_holds_known_keys_with_valid_values():
 
 
 def test_every_field_has_one_line_help():
-    for key, leaf in C._leaves().items():
+    for key, leaf in C.key_fields().items():
         help_text = leaf.field.metadata.get("help", "")
         assert help_text.strip() and "\n" not in help_text, key
     for name, f in C.sections().items():
