@@ -84,8 +84,10 @@ def reference() -> str:
         cells = [f"`{C.show_value(C.DEFAULTS[row][key])}`" if key in C.DEFAULTS[row] else "" for row, _ in rows]
         out.append(f"| `{key}` | `{C.show_value(leaves[key].field.default)}` | " + " | ".join(cells) + " |")
     out += ["", "## Settings that cannot go together", "",
-            "Refused when the configuration is loaded, naming both keys (a run's stored config, which already ran, "
-            "is read as it is).", ""]
+            "Refused when the configuration is loaded, naming both keys. A section (`sam3.*`) counts when one of its "
+            "keys differs from its default. A run's stored config (resume, a registered model) is read as it ran. "
+            "Core-only keys set with the sam3 backend are refused when its SAM3 config is generated "
+            "(`angioexp.backends.sam3.config_gen.UNSUPPORTED`).", ""]
     for rule in C.CONTRADICTIONS:
         key = f"{rule.key}*" if rule.key.endswith(".") else rule.key
         out.append(f"- `{key}` with `{rule.other}`: {rule.why}")
