@@ -823,9 +823,10 @@ def validate(cfg: Config, source: str | None = None, *, stored: bool = False) ->
                 set_value(cfg, key, value, "stored config (fixed)")
             continue
         key = _changed_under(cfg, rule.key) if rule.key.endswith(".") else rule.key
-        blame = key if origin[key] != "default" else rule.other
-        raise ConfigError(f"{show_value(_get(cfg, key))} contradicts {rule.other}={show_value(_get(cfg, rule.other))} "
-                          f"({origin[rule.other]}): {rule.why}", file=source or _where(origin[blame]), key=key)
+        blame = origin[key] if origin[key] != "default" else origin[rule.other]
+        other_origin = f" ({origin[rule.other]})" if origin[rule.other] != blame else ""
+        raise ConfigError(f"{show_value(_get(cfg, key))} contradicts {rule.other}={show_value(_get(cfg, rule.other))}"
+                          f"{other_origin}: {rule.why}", file=source or _where(blame), key=key)
     return cfg
 
 

@@ -95,7 +95,7 @@ def test_a_contradiction_names_the_file_that_set_it(tmp_path):
     assert load_config(overrides=["o2m.enabled=true"], backend="sam3").o2m.enabled
 
 
-def test_a_runs_stored_config_loads_as_it_ran():
+def test_a_runs_stored_config_loads_as_it_ran(tmp_path):
     """A config written before the contradiction rules (it ran) is read, not refused; the Stage 2
     flip the loader used to ignore is resolved the same way."""
     old = to_dict(load_config(stage=2))
@@ -103,6 +103,11 @@ def test_a_runs_stored_config_loads_as_it_ran():
     old["optim"]["amp"]["amp_dtype"] = "float16"
     cfg = config_from_dict(old, source="last.pt")
     assert cfg.scratch.hflip_prob == 0.0 and cfg.optim.amp.amp_dtype == "float16"
+    path = tmp_path / "config.yaml"  # a registered model's logged config (tracking.pyfunc_model)
+    path.write_text(yaml.safe_dump(old), encoding="utf-8")
+    assert load_config(path, stored=True).scratch.hflip_prob == 0.0
+    with pytest.raises(ConfigError, match=r"config\.yaml: key '\S+': \S+ contradicts (stage|backend)=\S+: "):
+        load_config(path)
     with pytest.raises(ConfigError, match="scratch.hflip_prob"):
         config_from_dict({**old, "scratch": {**old["scratch"], "hflip_prob": 2.0}}, source="last.pt")
 
