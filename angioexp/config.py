@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -636,7 +637,9 @@ def _typed(key: str, value: Any, source: str | None) -> Any:
     fail = functools.partial(ConfigError, file=_where(source), key=key)
     if leaf.field.metadata["parse"]:
         value = leaf.field.metadata["parse"](value)
-    # YAML spellings pydantic does not take: "none" for null, "1,3" for a list; a bool is no number
+    # what pydantic does not take: "none" for null, "1,3" for a list, a Path for text; a bool is no number
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if isinstance(value, str) and nullable(leaf.type) and value.strip().lower() in ("null", "none", "~"):
         value = None
     if isinstance(value, str) and typing.get_origin(base) is tuple:

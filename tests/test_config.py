@@ -141,6 +141,8 @@ def test_override_spellings_yaml_gives_differently():
                                  "scratch.lr_scale=1e-1", "data.max_val_images=null"], backend="sam3")
     assert cfg.prompts.num_points == (1, 3) and cfg.sam3.checkpoint is None and cfg.tracking.run_name == "2024"
     assert cfg.scratch.lr_scale == 0.1 and cfg.data.max_val_images is None
+    cfg.data.coco_dir = Path("/data/coco")  # code assigning a path: typed as text by validate
+    assert C.validate(cfg).data.coco_dir == "/data/coco"
     with pytest.raises(ConfigError, match=r"^--set: key 'scratch\.lr_scale': must be > 0, got 0$"):
         load_config(overrides=["scratch.lr_scale=0"])
     with pytest.raises(ConfigError, match=r"^--stage: key 'stage': must be one of \[1, 2\], got 3$"):

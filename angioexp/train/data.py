@@ -346,8 +346,9 @@ class TrainingSet:
         s = self.crop or size
         y0 = int(rng.integers(0, size - s + 1)) if self.crop else 0
         x0 = int(rng.integers(0, size - s + 1)) if self.crop else 0
-        # Stage 1 only: a mirrored coronary tree is no anatomy, and Stage 2 names sides.
-        flip = rng.random() < self.cfg.scratch.hflip_prob  # 0 in Stage 2 (angioexp.config.DEFAULTS)
+        # Stage 2 names sides: its hflip_prob is 0 (angioexp.config refuses more); it draws no flip
+        # at all, which keeps its random stream (crops, prompts) as it always was
+        flip = self.cfg.stage == 1 and rng.random() < self.cfg.scratch.hflip_prob
         pixels = sample.pixels[y0 : y0 + s, x0 : x0 + s]
         instances = []
         for inst in sample.instances:
