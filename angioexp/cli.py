@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("angioexp.dashboard.cli", "comparison dashboards (registry, runs, sweeps, predictions)"),
     "doctor": ("angioexp.backends.sam3.doctor", "list the pitfalls an existing SAM3 training config triggers"),
     "bench": ("angioexp.bench.__main__", "run the benchmarks and update BENCHMARKS.md"),
+    "config": ("angioexp.config_view", "the resolved configuration with each value's source (show), or its reference (docs)"),
 }
 
 

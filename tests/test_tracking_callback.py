@@ -79,8 +79,10 @@ def test_callback_logs_params_metrics_artifacts_live(store_uri, tmp_path):
     assert set(flatten(cfg)) <= set(params)
     cb.flush()  # artifacts are copied by a worker thread; they may trail the checkpoint
     files = _artifact_paths(client, run_id)
-    assert {"config/config.yaml", "eval/step_000020/metrics.json", "eval/step_000020/per_image.csv",
-            "eval/step_000020/overlays/img1.png", LEARNING_CURVE} <= files
+    assert {"config/config.yaml", "config/resolved_with_sources.yaml", "eval/step_000020/metrics.json",
+            "eval/step_000020/per_image.csv", "eval/step_000020/overlays/img1.png", LEARNING_CURVE} <= files
+    view = mlflow.artifacts.load_text(f"runs:/{run_id}/config/resolved_with_sources.yaml")
+    assert "lr_scale: 0.5" in view and "# --set" in view.split("lr_scale: 0.5")[1].splitlines()[0]
 
     cb.on_step_end(30, _train_metrics(30))
     cb.on_train_end(TrainResult(out_dir=tmp_path, steps=30, final_metrics={"val/AP75": 0.2}, best_metrics={"val/AP75_tol": 0.5},

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from angioexp.config import load_config
+from angioexp.errors import ConfigError
 from angioexp.train.data import EvalSet, TrainingSet
 from test_core_fixtures import STAGE2_LABELS, make_vessel_coco
 
@@ -145,6 +146,11 @@ def test_images_are_resized_to_the_working_resolution(coco1):
 
 
 def test_stage2_never_flips_because_segment_names_are_side_specific(coco2):
-    flip = TrainingSet(coco2, _cfg("scratch.hflip_prob=1", stage=2), num_views=10).batch(0)
+    # the config says so (its Stage 2 default is 0 and a flip is refused there), the loader obeys it
+    with pytest.raises(ConfigError, match=r"key 'scratch\.hflip_prob': 1\.0 contradicts stage=2"):
+        _cfg("scratch.hflip_prob=1", stage=2)
+    cfg = _cfg(stage=2)
+    assert cfg.scratch.hflip_prob == 0
+    default = TrainingSet(coco2, cfg, num_views=10).batch(0)
     keep = TrainingSet(coco2, _cfg("scratch.hflip_prob=0", stage=2), num_views=10).batch(0)
-    assert torch.equal(flip.images, keep.images) and (flip.targets["view_labels"] >= 0).any()
+    assert torch.equal(default.images, keep.images) and (default.targets["view_labels"] >= 0).any()

@@ -283,6 +283,7 @@ class MlflowCallback(Callback):
 
     def on_train_start(self, info: RunInfo) -> None:
         from angioexp.config import dump_yaml
+        from angioexp.config_view import resolved_with_sources
 
         resumed = info.start_step > 0
         if self.plot:
@@ -303,6 +304,7 @@ class MlflowCallback(Callback):
                 self._set_tags({"angioexp.param_clashes": json.dumps(clashes)[:5000]})
             self._log_params_async({k: v for k, v in params.items() if k not in existing})
             self._in_background(self._text_artifact, "config.yaml", dump_yaml(cfg), "config")
+            self._in_background(self._text_artifact, "resolved_with_sources.yaml", resolved_with_sources(cfg), "config")
         report = (info.extra or {}).get("init_report")
         if report is not None:
             log_load_report(self.client, self.run_id, report, source=self.init_source)

@@ -76,7 +76,7 @@ class AngioexpModel(PythonModel):
         from angioexp.checkpoints import load_state_with_report, read_checkpoint
         from angioexp.config import load_config
 
-        self.cfg = load_config(context.artifacts["config"])
+        self.cfg = load_config(context.artifacts["config"], stored=True)  # the model's own run config
         state = read_checkpoint(context.artifacts["weights"])  # weights_only=True
         self.model = None
         if self.cfg.backend == "core":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
@@ -70,17 +69,12 @@ def load_training_checkpoint(path: str | Path) -> dict:
 
 def config_from_dict(data: dict, *, source: str | Path | None = None):
     """A validated Config from the plain dict a checkpoint stores (no MLflow needed)."""
-    import yaml
+    from angioexp.config import config_from_dict as stored_config
 
-    from angioexp.config import load_config
-
-    with tempfile.TemporaryDirectory(prefix="angioexp-config-") as folder:
-        path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        try:
-            return load_config(path)
-        except InputError as exc:
-            raise InputError(f"stored config is not valid here: {exc.reason}", file=source, key=exc.key) from None
+    try:
+        return stored_config(data, source=source)
+    except InputError as exc:
+        raise InputError(f"stored config is not valid here: {exc.reason}", file=source, key=exc.key) from None
 
 
 def resolve_resume(resume_from: str | Path) -> Path:

@@ -12,9 +12,9 @@ points along the centreline of its target (+ ``num_negative_points``), and with 
 ``box_chance`` a box from its mask (SAM3's RandomGeometricInputsAPI). Augmentation: a random
 ``scratch.crop_size`` crop at the working resolution (native-resolution crops keep 2–8 px
 vessels sharp, where a resized whole image would blur them), and a horizontal flip with
-probability ``scratch.hflip_prob`` in Stage 1 — a mirrored image no longer shows its recorded
-C-arm view, so its view becomes "unknown"; never in Stage 2, where "left"/"right" segment names
-would be mirrored too.
+probability ``scratch.hflip_prob`` — a mirrored image no longer shows its recorded C-arm view, so
+its view becomes "unknown"; 0 in Stage 2 and refused there (angioexp.config), where "left"/"right"
+segment names would be mirrored too.
 
 Randomness is keyed by (seed, step, slot): the batch of step s is the same whether the run
 started at 0 or resumed at s, and on whichever DDP rank it is built.
@@ -346,7 +346,8 @@ class TrainingSet:
         s = self.crop or size
         y0 = int(rng.integers(0, size - s + 1)) if self.crop else 0
         x0 = int(rng.integers(0, size - s + 1)) if self.crop else 0
-        # Stage 1 only: a mirrored coronary tree is no anatomy, and Stage 2 names sides.
+        # Stage 2 names sides: its hflip_prob is 0 (angioexp.config refuses more); it draws no flip
+        # at all, which keeps its random stream (crops, prompts) as it always was
         flip = self.cfg.stage == 1 and rng.random() < self.cfg.scratch.hflip_prob
         pixels = sample.pixels[y0 : y0 + s, x0 : x0 + s]
         instances = []
