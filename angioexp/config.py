@@ -643,6 +643,11 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
         "loss.masks.resize": "predictions",  # SAM3's Masks and SemanticSegCriterion upsample the logits
         "loss.semantic.resize": "predictions",
         "loss.view.loss_view": 0.0,  # SAM3 has no view head
+        # the identity term over SAM3's semantic logits (backends/sam3/identity_loss.py) is opt-in:
+        # a CE or Dice weight > 0 switches it on; SAM3 has no per-segment presence logits
+        "loss.identity.loss_identity_ce": 0.0,
+        "loss.identity.loss_identity_dice": 0.0,
+        "loss.identity.loss_identity_presence": 0.0,
     },
 }
 
