@@ -70,8 +70,8 @@ CHANGES = [
 UNSUPPORTED = {
     "model.": "the core model's architecture (SAM3's is fixed)",
     "loss.view.": "SAM3 has no view head",
-    "loss.identity.loss_identity_presence": "SAM3's segmentation head has no per-segment presence logits; the decoder's "
-                                            "presence token is trained by loss.iabce.presence_loss",
+    "loss.identity.loss_identity_presence": "SAM3's segmentation head has no per-segment presence logits; the "
+                                            "decoder's presence token is trained by loss.iabce.presence_loss",
     "eval.tree_labelling": "tree-aware labelling post-processes the core model's segment-identity output",
     "data.rare_segment_power": "the rare-segment frame sampler is the core backend's; SAM3's loader draws every image once per epoch",
     "train.ema_decay": "SAM3's trainer keeps no weight average",
