@@ -402,6 +402,10 @@ DEFAULTS: dict[tuple[str | None, int | None], dict[str, Any]] = {
         "loss.masks.resize": "predictions",  # SAM3's Masks and SemanticSegCriterion upsample the logits
         "loss.semantic.resize": "predictions",
         "loss.view.loss_view": 0.0,  # SAM3 has no view head
+        # the dense identity term is an opt-in extra on SAM3's objective (no per-segment presence)
+        "loss.identity.loss_identity_ce": 0.0,
+        "loss.identity.loss_identity_dice": 0.0,
+        "loss.identity.loss_identity_presence": 0.0,
     },
     # Stage 2, every backend
     (ANY, 2): {

@@ -354,8 +354,10 @@ def test_every_key_is_honoured_or_refused(tmp_path):
 
     coco = make_tiny_coco(tmp_path / "coco", n_train=2, n_val=1, size=64)
     (coco / "val" / "annotations_gt.json").write_text((coco / "val" / "annotations.json").read_text())
-    # prompts and point-sampled mask losses on, so that prompts.* and loss.masks.*_ratio are in effect
-    base = ["backend=sam3", "scratch.resolution=336", "prompts.num_points=[1,2]", "loss.masks.num_sample_points=500"]
+    # prompts, point-sampled mask losses and the identity term on, so that prompts.*,
+    # loss.masks.*_ratio and loss.identity.class_weight_power are in effect
+    base = ["backend=sam3", "scratch.resolution=336", "prompts.num_points=[1,2]", "loss.masks.num_sample_points=500",
+            "loss.identity.loss_identity_ce=20"]
     reference_cfg = load_config(overrides=base)
     reference, _ = config_gen.build(reference_cfg, coco_dir=coco, out_dir=tmp_path / "run", device="cuda")
     defaults = flatten(reference_cfg)

@@ -350,3 +350,33 @@ def test_doctor_data_clean_and_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["doctor", "--data", str(tmp_path / "empty")]) == 2
     assert main(["doctor"]) == 2
+
+
+def test_identity_term_on_data_without_two_segments_per_image(tmp_path, capsys):
+    """The sam3 backend's identity loss needs frames with several segment categories."""
+    from angioexp.backends.sam3.gpu_check import make_tiny_coco
+
+    data = yaml.safe_load(RESEARCHER_YAML)
+    data["angio_train"]["loss"]["loss_fns_find"].append({
+        "_target_": "angioexp.backends.sam3.identity_loss.PromptIdentityLoss",
+        "weight_dict": {"loss_identity_ce": 20.0, "loss_identity_dice": 10.0}, "class_weight_power": 0.25})
+    config = tmp_path / "with_identity.yaml"
+    config.write_text(yaml.safe_dump(data))
+    coco = make_tiny_coco(tmp_path / "coco", n_train=2, n_val=1, size=64)  # Stage 1: one category
+
+    assert main(["doctor", str(config), "--data", str(coco), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    found = [f for f in report["findings"] if f["code"] == "identity_without_segments"]
+    assert len(found) == 1 and "1 category, at most 1 per image" in found[0]["where"]
+    assert "sigmoid" in found[0]["what"]
+    identity = report["angioexp_config"]["loss"]["identity"]
+    assert identity == {"loss_identity_ce": 20.0, "loss_identity_dice": 10.0, "class_weight_power": 0.25}
+
+    # a frame with two segments: nothing to say
+    ann = coco / "train" / "annotations.json"
+    coco_data = json.loads(ann.read_text())
+    coco_data["annotations"].append(dict(coco_data["annotations"][0], id=99, category_id=2))
+    coco_data["categories"].append({"id": 2, "name": "lad_distal", "supercategory": "vessel"})
+    ann.write_text(json.dumps(coco_data))
+    assert main(["doctor", str(config), "--data", str(coco), "--json"]) == 1
+    assert "identity_without_segments" not in {f["code"] for f in json.loads(capsys.readouterr().out)["findings"]}

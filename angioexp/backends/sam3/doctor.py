@@ -30,6 +30,7 @@ BUILDER_MATCHER = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "alpha
 NATIVE_RESOLUTION = 1008
 # SAM3's own segmentation example (roboflow_v100_full_ft_100_images.yaml, commented loss block).
 EXAMPLE_MASK_WEIGHTS = {"loss_mask": 200.0, "loss_dice": 10.0}
+IDENTITY_TARGET = "identity_loss.PromptIdentityLoss"  # the sam3 backend's opt-in identity term
 
 
 @dataclass
@@ -352,6 +353,11 @@ def diagnose(data: dict) -> tuple[list[Finding], dict]:
         for key, cast in (("pos_weight", float), ("alpha", float), ("gamma", float), ("use_presence", bool), ("pos_focal", bool)):
             if key in node:
                 eq[f"loss.iabce.{key}"] = cast(v.resolve(node[key]))
+    for _, node in targets(data, IDENTITY_TARGET)[:1]:
+        w = node.get("weight_dict") or {}
+        eq.update({f"loss.identity.{k}": float(v.resolve(w[k])) for k in ("loss_identity_ce", "loss_identity_dice") if k in w})
+        if "class_weight_power" in node:
+            eq["loss.identity.class_weight_power"] = float(v.resolve(node["class_weight_power"]))
     for _, node in targets(data, "sam3_loss.Sam3LossWrapper")[:1]:
         if node.get("o2m_weight") is not None:
             eq["o2m.enabled"] = float(v.resolve(node["o2m_weight"])) > 0
@@ -617,6 +623,30 @@ def diagnose_data(root: str | Path) -> list[Finding]:
     return [f for path in coco_files(root) for f in diagnose_coco(path)]
 
 
+def identity_data_findings(root: str | Path) -> list[Finding]:
+    """With the identity term on: one finding when no image of the folder has two segment categories."""
+    most, categories = 0, set()
+    for path in coco_files(root):
+        data = json.loads(path.read_text(encoding="utf-8"))  # diagnose_coco has checked its shape
+        categories |= {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+        per_image: dict = {}
+        for a in data["annotations"]:
+            if isinstance(a, dict) and not a.get("iscrowd"):
+                per_image.setdefault(a.get("image_id"), set()).add(a.get("category_id"))
+        most = max([most, *(len(c) for c in per_image.values())])
+    if most >= 2:
+        return []
+    single = len(categories) <= 1
+    return [Finding(
+        "identity_without_segments", "warning", f"{root}: {len(categories)} categor{'y' if single else 'ies'}, "
+        f"at most {most} per image",
+        "PromptIdentityLoss takes one softmax over the prompts of an image; "
+        + ("with a single category that is sigmoid(semantic logit), what loss.semantic.* trains already"
+           if single else "no image has two segments for it to tell apart"),
+        "use it on Stage 2 data (several segment categories per frame), or switch it off",
+        "loss.identity.loss_identity_ce and loss_identity_dice: 0 (the sam3 default)")]
+
+
 def load_sam3_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -643,9 +673,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.config and not args.data:
         raise InputError("give a SAM3 config, --data COCO_DIR, or both")
-    findings, equivalent, text = [], None, ""
+    findings, equivalent, text, sam3_cfg = [], None, "", {}
     if args.config:
-        findings, eq = diagnose(load_sam3_yaml(args.config))
+        sam3_cfg = load_sam3_yaml(args.config)
+        findings, eq = diagnose(sam3_cfg)
         equivalent = equivalent_config(eq)
         text = yaml.safe_dump(equivalent, sort_keys=False)
         if args.write_config:
@@ -653,6 +684,8 @@ def run(args: argparse.Namespace) -> int:
                 handle.write(f"# angioexp equivalent of {args.config} (angioexp doctor)\n{text}")
     if args.data:
         findings += diagnose_data(args.data)
+        if targets(sam3_cfg, IDENTITY_TARGET):
+            findings += identity_data_findings(args.data)
     subject = " + ".join(str(x) for x in (args.config, args.data) if x)
     if args.json:
         print(json.dumps({"config": args.config and str(args.config), "data": args.data and str(args.data),

@@ -77,7 +77,9 @@ class Sam3ImageWithPoints(_sam3_image_class()):  # type: ignore[misc]
         input_points_mask  (B, Np)     True = padding
     The geometry encoder receives points as (Np, B, 2) with labels (Np, B) — SAM3's
     ``Prompt`` layout (sequence first).
-    Output: ``SAM3Output`` with one stage of one step, exactly as ``Sam3Image.forward``.
+    Output: ``SAM3Output`` with one stage of one step, as ``Sam3Image.forward``, whose outputs
+    also carry ``img_ids`` (Q,), the image of each find query (for
+    :class:`~angioexp.backends.sam3.identity_loss.PromptIdentityLoss`).
     """
 
     def forward(self, input):  # noqa: A002 - SAM3's argument name
@@ -104,6 +106,8 @@ class Sam3ImageWithPoints(_sam3_image_class()):  # type: ignore[misc]
             find_target=find_target,
             geometric_prompt=geometric_prompt,
         )
+        # the image of each query: the identity loss groups the semantic maps per image with it
+        out["img_ids"] = find_input.img_ids
         stages = SAM3Output(iter_mode=SAM3Output.IterMode.LAST_STEP_PER_STAGE)
         stages.append([out])
         return stages
