@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from angioexp.tracking.mlproject import to_argv
+from angioexp.tracking.mlproject import main_job_steps, to_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,21 @@ def test_mlproject_declares_every_entry_point():
     conda = yaml.safe_load((REPO_ROOT / project["conda_env"]).read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert any(p.startswith("torch>=2.5") for p in pip) and any(p.startswith("psutil") for p in pip)
+
+
+def test_main_job_budgets_each_stage_and_lets_the_user_override():
+    cap = ["--set", "data.max_val_images=120"]
+    assert main_job_steps(["--overrides", "", "--stage1_minutes", "", "--stage2_minutes", ""]) == [
+        ["train", "--stage", "1", "--budget-minutes", "8.0", *cap],
+        ["train", "--stage", "2", "--budget-minutes", "12.0", *cap],
+        ["dashboard"],
+    ]
+    steps = main_job_steps(["--overrides", "train.max_steps=50 data.max_val_images=10", "--stage1_minutes", "0",
+                            "--stage2_minutes", "3"])
+    assert steps[0] == ["train", "--stage", "1", *cap, "--set", "train.max_steps=50", "--set", "data.max_val_images=10"]
+    assert steps[1][:5] == ["train", "--stage", "2", "--budget-minutes", "3"]
+    with pytest.raises(SystemExit, match="unknown option '--stage3_minutes'"):
+        main_job_steps(["--stage3_minutes", "1"])
 
 
 def test_shim_drops_empty_parameters_and_expands_overrides():

@@ -22,6 +22,33 @@ RENAMES = {
 COMMANDS = {"prepare", "train", "evaluate", "sweep", "promote", "dashboard"}
 
 
+# The main job's wall-time budget per stage (minutes; train.max_steps still caps a fast machine):
+# with data preparation and the evaluations it fits ~30 minutes on 2 CPU cores.
+MAIN_JOB_MINUTES = {1: 8.0, 2: 12.0}
+# Training-time evaluations of the main job score the first N val frames; the whole synthetic
+# val split (~340 frames) would cost minutes per evaluation on a CPU.
+MAIN_JOB_VAL_IMAGES = 120
+
+
+def main_job_steps(argv: list[str]) -> list[list[str]]:
+    """``main [--overrides "k=v ..."] [--stage1_minutes M] [--stage2_minutes M]`` → its commands.
+
+    A budget of ``0`` or ``none`` trains to ``train.max_steps`` instead."""
+    options = {"--overrides": "", "--stage1_minutes": "", "--stage2_minutes": ""}
+    for key, value in zip(argv[::2], argv[1::2]):
+        if key not in options:
+            raise SystemExit(f"main: unknown option {key!r} (expected one of {sorted(options)})")
+        options[key] = value.strip()
+    extra = [f"data.max_val_images={MAIN_JOB_VAL_IMAGES}",
+             *shlex.split(options["--overrides"].replace(";", " "))]  # the user's overrides come last and win
+    steps = []
+    for stage in (1, 2):
+        text = options[f"--stage{stage}_minutes"] or str(MAIN_JOB_MINUTES[stage])
+        budget = [] if text.lower() in ("0", "none", "null") else ["--budget-minutes", text]
+        steps.append(["train", "--stage", str(stage), *budget, *[a for o in extra for a in ("--set", o)]])
+    return [*steps, ["dashboard"]]
+
+
 def run_main_job(argv: list[str]) -> int:
     """The ``main`` entry point: Stage 1 → Stage 2 (from Stage 1's champion) → dashboards.
 
@@ -32,17 +59,9 @@ def run_main_job(argv: list[str]) -> int:
     import os
     import subprocess
 
-    overrides = ""
-    if argv[:1] == ["--overrides"] and len(argv) > 1:
-        overrides = argv[1]
+    steps = main_job_steps(argv)
     env = dict(os.environ)
     launcher = env.pop("MLFLOW_RUN_ID", None)
-    extra = [a for o in shlex.split(overrides.replace(";", " ")) for a in ("--set", o)]
-    steps = [
-        ["train", "--stage", "1", *extra],
-        ["train", "--stage", "2", *extra],
-        ["dashboard"],
-    ]
     for step in steps:
         print(f"[angioexp main] angioexp {' '.join(step)}", flush=True)
         code = subprocess.call([sys.executable, "-m", "angioexp", *step], env=env)
