@@ -273,8 +273,8 @@ def test_identity_outputs_semantic_masks_and_their_pieces(tree_labelling):
                    if (r["image_id"], r["category_id"]) == (result["image_id"], result["category_id"]))
 
 
-def test_paired_interval_of_the_stage2_bench():
-    from angioexp.bench.stage2 import paired_interval
+def test_paired_interval_of_paired_seeds():
+    from angioexp.evaluate.paired import paired_interval
 
     mean, low, high = paired_interval([0.1, 0.2, 0.3])  # sd 0.1, t(0.975, 2) = 4.3027
     assert mean == pytest.approx(0.2)

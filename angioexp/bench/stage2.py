@@ -15,7 +15,6 @@ Data: ``CASES`` single-frame synthetic cases (Stage 2 labels), the test split â‰
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from angioexp.bench import Figure
+from angioexp.evaluate.paired import paired_interval
 from angioexp.train.callbacks import Callback
 
 TITLE = "Stage 2: segment identity, Stage 1 init vs scratch (paired seeds, test split, clean truth)"
@@ -59,19 +59,6 @@ class MarkSnapshots(Callback):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             self.saved[mark] = target
-
-
-def paired_interval(differences: list[float]) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95 % t-interval (NaN bounds with fewer than 2 pairs)."""
-    from scipy import stats
-
-    n = len(differences)
-    mean = sum(differences) / n if n else float("nan")
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def _config(stage: int, seed: int, root: Path, cache: Path, minutes: float, extra: list[str], cases: int):

@@ -89,7 +89,7 @@ def _start_run(client, options: DashboardOptions) -> tuple[str, bool]:
 
 def build_dashboards(options: DashboardOptions) -> DashboardResult:
     """Build every page into ``options.out``; see the module doc."""
-    from angioexp.dashboard import index, predictions, registry, runs, sweeps
+    from angioexp.dashboard import index, init_vs_scratch, predictions, registry, runs, sweeps
     from angioexp.dashboard.data import experiment_ids, find_studies, mlflow_client, select_runs
     from angioexp.dashboard.html import esc, write_plotly_file
     from angioexp.sweep.storage import redact
@@ -123,7 +123,8 @@ def build_dashboards(options: DashboardOptions) -> DashboardResult:
             client, loaded, max_versions=options.max_versions, max_images=options.max_images, thumb_px=options.thumb_px)
         index_page = index.build(
             tracking_uri=redact(client.tracking_uri), loaded=loaded, n_runs=len(chosen_runs), n_studies=len(refs),
-            n_galleries=len(gallery_pages), dashboard_run_id=run_id, notes=result.notes)
+            n_galleries=len(gallery_pages), dashboard_run_id=run_id, notes=result.notes,
+            init_pairs=init_vs_scratch.find_pairs(init_vs_scratch.stage2_runs(client, options.experiments)))
 
         if options.plotly_js == "file":
             write_plotly_file(out)

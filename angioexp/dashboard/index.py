@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from angioexp.dashboard import init_vs_scratch
 from angioexp.dashboard.data import by_alias
 from angioexp.dashboard.html import Page, esc
 from angioexp.dashboard.registry import CHAMPION, champion_figure, champion_pairs
 
 
 def build(*, tracking_uri: str, loaded: dict, n_runs: int, n_studies: int, n_galleries: int,
-          dashboard_run_id: str | None, notes: list[str]) -> Page:
+          dashboard_run_id: str | None, notes: list[str], init_pairs: list | None = None) -> Page:
     page = Page("index.html", "Experiment dashboards", f"tracking store {tracking_uri}")
     page.section("stage1-vs-stage2", "Did Stage 2 beat Stage 1?")
     pairs = champion_pairs(loaded)
@@ -19,6 +20,8 @@ def build(*, tracking_uri: str, loaded: dict, n_runs: int, n_studies: int, n_gal
     else:
         page.empty("No champion model yet: train Stage 1 (mlflow run . -e train -P stage=1), then Stage 2 "
                    "(-P stage=2); their champions are compared here.")
+
+    init_vs_scratch.build_section(page, init_pairs or [])
 
     page.section("pages", "Pages")
     champions = ", ".join(
