@@ -201,6 +201,34 @@ def test_the_guard_checks_losses_against_the_runs_first_loss():
         load_config(None, ["nan_guard.max_loss_ratio=0.5"])
 
 
+def test_a_restore_leaves_the_guards_snapshot_untouched_by_later_steps():
+    """Restoring hands the optimizer copies: stepping after a restore must not rewrite the
+    snapshot, or the next restore would go back to a state that never was good."""
+    from angioexp.config import NanGuardConfig
+    from angioexp.train.nan_guard import NanGuard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        optimizer.step()
+
+    guard = NanGuard(NanGuardConfig(max_consecutive=1, max_restores=5, snapshot_every=1000), model, optimizer)
+    step()
+    guard.good_step(0)
+    kept = {k: v.clone() for k, v in guard._snapshot["optimizer"]["state"][0].items()}
+    guard.bad_step(1, "loss")  # restores
+    step()
+    step()
+    after = guard._snapshot["optimizer"]["state"][0]
+    assert all(torch.equal(after[k], kept[k]) for k in kept)
+    guard.bad_step(2, "loss")  # the second restore goes back to the same good state
+    assert all(torch.equal(optimizer.state_dict()["state"][0][k], kept[k]) for k in kept)
+
+
 class KillAfterCheckpoint(Callback):
     def __init__(self, at):
         self.at = at
