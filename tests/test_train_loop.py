@@ -333,3 +333,31 @@ def test_pruning_from_a_callback_checkpoints_and_reraises(tmp_path, coco1):
         train(_cfg(tmp_path, "train.eval_every=2", steps=6), coco_dir=coco1, callbacks=[Prune(), rec])
     assert rec.end.pruned and rec.end.steps == 2 and rec.end.stopped_reason == "pruned"
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_both_backends_answer_to_one_interface(tmp_path, coco1):
+    import importlib.util
+
+    from angioexp.backends import BACKENDS, get_backend
+
+    assert sorted(BACKENDS) == ["core", "sam3"]
+    with pytest.raises(InputError, match="unknown backend 'tpu'"):
+        get_backend("tpu")
+    if importlib.util.find_spec("sam3") is None:  # refused in seconds, before data or a run exist
+        with pytest.raises(InputError, match="needs the sam3 package"):
+            get_backend("sam3").check(_cfg(tmp_path, "backend=sam3"))
+    core = get_backend("core")
+    core.check(_cfg(tmp_path))
+    s1 = core.train(_cfg(tmp_path / "s1", steps=2), data=coco1)
+    other = _cfg(tmp_path / "other", "model.d_model=64", "min_loaded_fraction=0.9", steps=2)
+    with pytest.raises(CheckpointLoadError):
+        core.check_init(other, s1.checkpoint)
+    rec = Recorder()
+    result = core.train(_cfg(tmp_path / "s1b", steps=2), data=coco1, init=s1.checkpoint, callbacks=[rec])
+    assert result.steps == 2 and rec.end is result and rec.start.extra["init_report"].loaded_fraction == 1.0
+
+
+def test_the_loop_takes_weights_files_and_leaves_uris_to_its_caller(tmp_path, coco1):
+    cfg = _cfg(tmp_path, "init_from=models:/angio-stage1@champion", steps=1)
+    with pytest.raises(InputError, match="resolved by the caller"):
+        train(cfg, coco_dir=coco1)
