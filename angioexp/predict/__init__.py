@@ -45,8 +45,8 @@ def load_model(uri: str, device: str = "cpu"):
     """(model, cfg, ResolvedModel) for a core-backend model behind ``uri``."""
     import importlib.util
 
-    from angioexp.tracking.models import resolve_model
     from angioexp.checkpoints import config_from_dict
+    from angioexp.tracking.models import resolve_model
     from angioexp.train.inference import _load_model
 
     text = str(uri).strip()

@@ -84,8 +84,8 @@ def run_name(cfg, *, digest: str, init=None, when: _dt.datetime | None = None) -
 
 
 def _prepare_data(cfg) -> tuple[Path, str]:
-    from angioexp.data.register import dataset_digest
     from angioexp.data.prepare import prepare
+    from angioexp.data.register import dataset_digest
 
     coco_dir = Path(prepare(cfg.data, cfg.stage)).resolve()
     return coco_dir, dataset_digest(coco_dir)
