@@ -111,6 +111,10 @@ def _train_untracked(args: argparse.Namespace):
     cfg = build_config(args)
     backend = get_backend(cfg.backend)
     backend.check(cfg)
+    if cfg.backend == "sam3" and not args.out:  # SAM3 runs get a folder of their own under train.out_dir
+        from angioexp.backends.sam3.run import output_dir
+
+        cfg.train.out_dir = str(output_dir(cfg, args))
     out_dir = cfg.train.out_dir
     # data checked (stage, splits) and starting weights found before the run folder exists
     coco_dir = prepare(cfg.data, cfg.stage)
