@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-masks": ("angioexp.data.importers.masks", "image/mask folder pairs (DCA1, XCAD, FS-CAD) → index.csv layout"),
     "import-dicom": ("angioexp.data.importers.dicom", "DICOM XA cines → index.csv layout (angles, spacing; de-identified)"),
     "register": ("angioexp.data.register", "log a COCO dataset's splits as MLflow datasets"),
-    "prepare": ("angioexp.pipeline", "synthetic data or an index.csv → COCO → registered datasets"),
+    "prepare": ("angioexp.data.prepare", "synthetic data or an index.csv → COCO → registered datasets"),
     "train": ("angioexp.train.cli", "train a model (backend core or sam3)"),
     "evaluate": ("angioexp.evaluate.cli", "score a checkpoint or predictions; --ceiling scores the labels"),
     "export-arcade": ("angioexp.evaluate.export_arcade", "predictions on a Stage 2 split → ARCADE submission JSON"),

@@ -14,7 +14,7 @@ import angioexp.data.convert as convert_module
 from angioexp.cli import main
 from angioexp.config import DataConfig
 from angioexp.errors import ConfigError, InputError
-from angioexp.pipeline import prepare
+from angioexp.data.prepare import prepare
 from test_data_study import write_study
 
 

@@ -62,7 +62,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resumes(store_uri, coco, tmp_path, monkeypatch, capsys):
     """ENOSPC half-way through the step-4 checkpoint (on the real atomic write path): last.pt of step
     2 survives whole, no temp file is left, the run is FAILED saying why, and --resume finishes it."""
-    import angioexp.train.checkpoint as checkpoint_module
+    import angioexp.checkpoints as checkpoint_module
     from angioexp.config import load_config
     from angioexp.fileio import atomic_file
     from angioexp.tracking.session import tracked_train

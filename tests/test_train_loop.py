@@ -201,6 +201,34 @@ def test_the_guard_checks_losses_against_the_runs_first_loss():
         load_config(None, ["nan_guard.max_loss_ratio=0.5"])
 
 
+def test_a_restore_leaves_the_guards_snapshot_untouched_by_later_steps():
+    """Restoring hands the optimizer copies: stepping after a restore must not rewrite the
+    snapshot, or the next restore would go back to a state that never was good."""
+    from angioexp.config import NanGuardConfig
+    from angioexp.train.nan_guard import NanGuard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        optimizer.step()
+
+    guard = NanGuard(NanGuardConfig(max_consecutive=1, max_restores=5, snapshot_every=1000), model, optimizer)
+    step()
+    guard.good_step(0)
+    kept = {k: v.clone() for k, v in guard._snapshot["optimizer"]["state"][0].items()}
+    guard.bad_step(1, "loss")  # restores
+    step()
+    step()
+    after = guard._snapshot["optimizer"]["state"][0]
+    assert all(torch.equal(after[k], kept[k]) for k in kept)
+    guard.bad_step(2, "loss")  # the second restore goes back to the same good state
+    assert all(torch.equal(optimizer.state_dict()["state"][0][k], kept[k]) for k in kept)
+
+
 class KillAfterCheckpoint(Callback):
     def __init__(self, at):
         self.at = at
@@ -305,3 +333,31 @@ def test_pruning_from_a_callback_checkpoints_and_reraises(tmp_path, coco1):
         train(_cfg(tmp_path, "train.eval_every=2", steps=6), coco_dir=coco1, callbacks=[Prune(), rec])
     assert rec.end.pruned and rec.end.steps == 2 and rec.end.stopped_reason == "pruned"
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_both_backends_answer_to_one_interface(tmp_path, coco1):
+    import importlib.util
+
+    from angioexp.backends import BACKENDS, get_backend
+
+    assert sorted(BACKENDS) == ["core", "sam3"]
+    with pytest.raises(InputError, match="unknown backend 'tpu'"):
+        get_backend("tpu")
+    if importlib.util.find_spec("sam3") is None:  # refused in seconds, before data or a run exist
+        with pytest.raises(InputError, match="needs the sam3 package"):
+            get_backend("sam3").check(_cfg(tmp_path, "backend=sam3"))
+    core = get_backend("core")
+    core.check(_cfg(tmp_path))
+    s1 = core.train(_cfg(tmp_path / "s1", steps=2), data=coco1)
+    other = _cfg(tmp_path / "other", "model.d_model=64", "min_loaded_fraction=0.9", steps=2)
+    with pytest.raises(CheckpointLoadError):
+        core.check_init(other, s1.checkpoint)
+    rec = Recorder()
+    result = core.train(_cfg(tmp_path / "s1b", steps=2), data=coco1, init=s1.checkpoint, callbacks=[rec])
+    assert result.steps == 2 and rec.end is result and rec.start.extra["init_report"].loaded_fraction == 1.0
+
+
+def test_the_loop_takes_weights_files_and_leaves_uris_to_its_caller(tmp_path, coco1):
+    cfg = _cfg(tmp_path, "init_from=models:/angio-stage1@champion", steps=1)
+    with pytest.raises(InputError, match="resolved by the caller"):
+        train(cfg, coco_dir=coco1)

@@ -99,6 +99,7 @@ def run(quick: bool) -> list[Figure]:
     import numpy as np
     import torch
 
+    from angioexp.checkpoints import save_checkpoint
     from angioexp.config import load_config, to_dict
     from angioexp.data.convert import encode_png_gray8, to_uint8
     from angioexp.data.synthetic import generate
@@ -107,7 +108,6 @@ def run(quick: bool) -> list[Figure]:
     from angioexp.predict import _as_coco, _image_entry, categories_for, load_model, predict
     from angioexp.predict.inputs import read_inputs
     from angioexp.segments import stage2_categories
-    from angioexp.train.checkpoint import save_checkpoint
 
     torch.set_num_threads(2)
     frames = 4 if quick else 8

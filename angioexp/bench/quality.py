@@ -52,7 +52,7 @@ def benchmark_config(stage: int, cache_dir: Path, out_dir: Path, *extra: str, qu
 
 def train_and_score(cfg, *, split: str = "test", init_checkpoint=None) -> dict:
     """Train with ``cfg``; score the best checkpoint on ``split`` (clean truth when present)."""
-    from angioexp.pipeline import prepare
+    from angioexp.data.prepare import prepare
     from angioexp.train.inference import evaluate_split
     from angioexp.train.loop import train
 

@@ -89,7 +89,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 def _measure(root: Path, quick: bool) -> list[Figure]:
-    from angioexp.pipeline import prepare
+    from angioexp.data.prepare import prepare
     from angioexp.train.loop import train
 
     seeds, cases = (QUICK["seeds"], QUICK["cases"]) if quick else (SEEDS, CASES)

@@ -84,7 +84,7 @@ def _timed_train(cfg, callbacks=()) -> float:
     from angioexp.train.loop import train
 
     t0 = time.perf_counter()
-    train(cfg, callbacks=callbacks)
+    train(cfg, coco_dir=cfg.data.coco_dir, callbacks=callbacks)
     return time.perf_counter() - t0
 
 
@@ -92,7 +92,7 @@ def run(quick: bool) -> list[Figure]:
     import mlflow
 
     from angioexp.config import load_config
-    from angioexp.pipeline import prepare
+    from angioexp.data.prepare import prepare
     from angioexp.tracking.callback import MlflowCallback
     from angioexp.tracking.session import tracked_train
     from angioexp.tracking.uri import ensure_experiment

@@ -67,7 +67,7 @@ def run(quick: bool) -> list[Figure]:
     import torch
 
     from angioexp.config import DataConfig
-    from angioexp.pipeline import prepare
+    from angioexp.data.prepare import prepare
 
     torch.set_num_threads(2)
     steps = 2 if quick else 6

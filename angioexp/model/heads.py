@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from angioexp.losses.box_ops import box_cxcywh_to_xyxy
+
 
 class MLP(nn.Module):
     """Linear layers with GELU between: (..., d_in) → (..., d_out)."""
@@ -22,11 +24,6 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = nn.functional.gelu(x)
         return x
-
-
-def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
 class Heads(nn.Module):

@@ -45,8 +45,8 @@ def load_model(uri: str, device: str = "cpu"):
     """(model, cfg, ResolvedModel) for a core-backend model behind ``uri``."""
     import importlib.util
 
+    from angioexp.checkpoints import config_from_dict
     from angioexp.tracking.models import resolve_model
-    from angioexp.train.checkpoint import config_from_dict
     from angioexp.train.inference import _load_model
 
     text = str(uri).strip()
@@ -99,16 +99,6 @@ def categories_for(cfg, prompts: list[str] | None) -> list[dict]:
             raise InputError("unknown segment (use a SYNTAX name such as 6 or 9a, or a slug such as lad_proximal)",
                              key=f"--prompts {text}") from None
     return stage2_categories(labels)
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r}: no CUDA device here", key="--device")
-    return name
 
 
 def _label_map(results: list[dict], shape: tuple[int, int], threshold: float) -> tuple[np.ndarray, dict[int, float]]:
@@ -166,7 +156,9 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be in [0, 1], got {threshold}", key="--threshold")
     sources = read_inputs(inputs, frames)
-    device = _resolve_device(device)
+    from angioexp.train.device import resolve_device
+
+    device = resolve_device(device, key="--device")
     t0 = time.perf_counter()
     model, cfg, resolved = load_model(model_uri, device)
     load_s = time.perf_counter() - t0

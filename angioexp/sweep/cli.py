@@ -180,9 +180,9 @@ def prepare_data(space: SearchSpace, backend: str, coco_dir: str | None, overrid
     if cfg.data.coco_dir:
         return Path(cfg.data.coco_dir).resolve()
     try:
-        from angioexp.pipeline import prepare
+        from angioexp.data.prepare import prepare
     except ImportError:
-        raise InputError("no --coco-dir given and angioexp.pipeline (data preparation) is not available") from None
+        raise InputError("no --coco-dir given and angioexp.data.prepare (data preparation) is not available") from None
     log.info("preparing the dataset once for all trials …")
     return Path(prepare(cfg.data, cfg.stage)).resolve()
 

@@ -29,7 +29,6 @@ import math
 import os
 import socket
 import traceback
-from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,24 +128,14 @@ class TrialContext:
 Runner = Callable[[Any, list, TrialContext], TrainResult]
 
 
-def run_core(cfg, callbacks: list, ctx: TrialContext) -> TrainResult:
-    """Train in this process with the built-in core backend."""
-    from angioexp.train.loop import train
+def run_backend(cfg, callbacks: list, ctx: TrialContext) -> TrainResult:
+    """One trial through :func:`angioexp.backends.get_backend`: the core backend trains in this
+    process, sam3 in a subprocess whose evaluations reach the callbacks, so pruning and NaN
+    handling are the same for both. No ``run_id``: a trial's metrics reach MLflow through the
+    callbacks."""
+    from angioexp.backends import get_backend
 
-    return train(cfg, callbacks=callbacks, coco_dir=ctx.coco_dir, init_checkpoint=ctx.init_checkpoint)
-
-
-def run_sam3(cfg, callbacks: list, ctx: TrialContext) -> TrainResult:
-    """SAM3's own trainer; ``train_sam3`` runs it in a subprocess and relays its evaluations to
-    the callbacks, so pruning and NaN handling are the same as for the core backend. No
-    ``run_id``: the trial's metrics reach MLflow through the callbacks like the core's do."""
-    from angioexp.backends.sam3.run import train_sam3
-
-    args = Namespace(out=cfg.train.out_dir, init_from=str(ctx.init_checkpoint) if ctx.init_checkpoint else None)
-    return train_sam3(cfg, args, callbacks=callbacks, coco_dir=ctx.coco_dir)
-
-
-RUNNERS: dict[str, Runner] = {"core": run_core, "sam3": run_sam3}
+    return get_backend(cfg.backend).train(cfg, data=ctx.coco_dir, init=ctx.init_checkpoint, callbacks=callbacks)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -168,7 +157,7 @@ class Objective:
 
     def __init__(self, ctx: TrialContext, runner: Runner | None = None):
         self.ctx = ctx
-        self.runner = runner or RUNNERS[ctx.backend]
+        self.runner = runner or run_backend
 
     def trial_dir(self, trial: optuna.Trial) -> Path:
         return Path(self.ctx.out_root) / self.ctx.study_name / f"trial_{trial.number:04d}"

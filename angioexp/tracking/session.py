@@ -4,7 +4,7 @@ What ``angioexp train`` (and so ``mlflow run . -e train``) runs unless ``--no-tr
 
 1. checks that fail in seconds, before anything is created: tracking store reachable;
    ``init_from`` (Stage 2 default ``models:/angio-stage1@champion``) resolves to weights;
-2. data: ``angioexp.pipeline.prepare`` (synthetic default, cached by digest);
+2. data: ``angioexp.data.prepare.prepare`` (synthetic default, cached by digest);
 3. the run: the one ``mlflow run`` created (``MLFLOW_RUN_ID``), the one being resumed, or a
    new one in ``angioexp-stage{N}`` named ``s1-core-<digest>-<time>`` /
    ``s2-core-from-s1v3-<digest>-<time>``; tags stage, backend, dataset.digest, git.sha
@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import importlib.util
 import logging
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
+from angioexp.checkpoints import config_from_dict
 from angioexp.errors import AngioexpError, CheckpointLoadError, InputError, TrainingDiverged
 from angioexp.fileio import refuse_output_over_inputs
 from angioexp.tracking.callback import OUT_DIR_TAG, MlflowCallback, log_load_report
@@ -84,46 +83,12 @@ def run_name(cfg, *, digest: str, init=None, when: _dt.datetime | None = None) -
     return f"s{cfg.stage}-{cfg.backend}{origin}-{digest[:8]}-{stamp}"
 
 
-def config_from_dict(data: dict):
-    """A validated Config from the plain dict a checkpoint stores."""
-    import yaml
-
-    from angioexp.config import load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as handle:
-        yaml.safe_dump(data, handle, sort_keys=False)
-        path = handle.name
-    try:
-        return load_config(path)
-    finally:
-        os.unlink(path)
-
-
 def _prepare_data(cfg) -> tuple[Path, str]:
+    from angioexp.data.prepare import prepare
     from angioexp.data.register import dataset_digest
-    from angioexp.pipeline import prepare
 
     coco_dir = Path(prepare(cfg.data, cfg.stage)).resolve()
     return coco_dir, dataset_digest(coco_dir)
-
-
-def _backend_train(cfg, args, *, callbacks, coco_dir, resume_from, init_checkpoint, run_id):
-    """Dispatch on ``cfg.backend``; both get the same callbacks, data and init weights."""
-    if cfg.backend == "core":
-        from angioexp.train.loop import train
-
-        return train(cfg, callbacks=callbacks, coco_dir=coco_dir, resume_from=resume_from, init_checkpoint=init_checkpoint)
-    if cfg.backend == "sam3":
-        from angioexp.backends.sam3.run import train_sam3
-
-        sam_args = copy.copy(args) if args is not None else argparse.Namespace()
-        # SAM3's trainer streams its scalars into this run itself (RunInfo.extra
-        # "metrics_logged_by_backend"); our callbacks add artifacts, plots and the registry.
-        sam_args.out = str(cfg.train.out_dir)
-        sam_args.resume = str(resume_from) if resume_from is not None else None
-        sam_args.init_from = str(init_checkpoint) if init_checkpoint is not None else None
-        return train_sam3(cfg, sam_args, callbacks=callbacks, run_id=run_id, coco_dir=coco_dir)
-    raise InputError(f"unknown backend {cfg.backend!r}", key="backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +115,7 @@ def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
     import mlflow
     from mlflow import MlflowClient
 
+    from angioexp.backends import get_backend
     from angioexp.config import experiment_name
     from angioexp.tracking.models import resolve_model
     from angioexp.tracking.resume import find_resume_point, write_run_file
@@ -159,6 +125,8 @@ def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
         raise InputError(f"unknown stage {cfg.stage!r} (expected 1 or 2)", key="stage")
 
     # 1. fail-fast checks ------------------------------------------------------------------
+    backend = get_backend(cfg.backend)
+    backend.check(cfg)
     uri = configure_mlflow()
     check_tracking_server(uri)
     client = MlflowClient(uri)
@@ -182,10 +150,7 @@ def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
         init = resolve_model(cfg.init_from, client=client)
         init_checkpoint = init.weights
         log.info("init_from %s → %s", cfg.init_from, init.weights)
-        if cfg.backend == "core":
-            from angioexp.train.loop import check_init_weights
-
-            check_init_weights(cfg, init_checkpoint)  # refused weights leave no run and no folder
+        backend.check_init(cfg, init_checkpoint)  # refused weights leave no run and no folder
 
     # 2. data -------------------------------------------------------------------------------
     coco_dir, digest = _prepare_data(cfg)
@@ -254,10 +219,10 @@ def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
 
         # 4. train ------------------------------------------------------------------------
         try:
-            result = _backend_train(
-                cfg, args, callbacks=[callback, *extra_callbacks], coco_dir=coco_dir,
+            result = backend.train(
+                cfg, data=coco_dir, init=init_checkpoint, callbacks=[callback, *extra_callbacks],
                 resume_from=resume_point.out_dir if resume_point else None,  # both backends take the run folder
-                init_checkpoint=init_checkpoint, run_id=run_id,
+                run_id=run_id,
             )
         except CheckpointLoadError as exc:
             if exc.report is not None:
@@ -310,7 +275,7 @@ def _resumed_config(point, args):
     """The run's own config; only the stopping rules may change on resume."""
     from angioexp.train.cli import resumed_config
 
-    cfg = config_from_dict(point.config)
+    cfg = config_from_dict(point.config, source=point.out_dir)
     cfg.train.out_dir = str(point.out_dir)
     return resumed_config(cfg, args)
 

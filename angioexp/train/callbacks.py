@@ -13,6 +13,7 @@ writes a checkpoint, calls ``on_train_end`` and re-raises.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,16 @@ class TrainResult:
     stopped_reason: str = "max_steps"  # max_steps | budget | pruned | diverged
     wall_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # NaN guard events
+
+
+def is_better(value: float | None, best: float | None, mode: str) -> bool:
+    """Whether ``value`` beats ``best`` on a metric where ``mode`` (max|min) is better; a missing or
+    non-finite value never does, and any finite value beats no best at all."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
 
 
 class Callback:

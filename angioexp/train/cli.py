@@ -88,8 +88,11 @@ def resumed_config(cfg, args: argparse.Namespace):
 
 def _train_untracked(args: argparse.Namespace):
     """A plain run into its folder: the same folder rules and lock as a tracked run."""
+    from angioexp.backends import get_backend
+    from angioexp.checkpoints import config_from_dict, load_training_checkpoint, resolve_resume
+    from angioexp.data.prepare import prepare
     from angioexp.fileio import refuse_output_over_inputs
-    from angioexp.train.checkpoint import config_from_dict, load_training_checkpoint, resolve_resume
+    from angioexp.tracking.models import resolve_weights
     from angioexp.train.runlock import refuse_foreign_run_folder, run_lock
 
     if args.resume:
@@ -102,29 +105,26 @@ def _train_untracked(args: argparse.Namespace):
                 print(f"{out_dir}: finished (step {payload['step']} of {cfg.train.max_steps}); nothing to do — "
                       f"pass --max-steps N (> {payload['step']}) to train it further")
                 return None
-            return _backend(cfg, args, resume_from=args.resume)
+            backend = get_backend(cfg.backend)
+            backend.check(cfg)
+            return backend.train(cfg, data=prepare(cfg.data, cfg.stage), resume_from=args.resume)
     cfg = build_config(args)
-    out_dir = cfg.train.out_dir
-    coco_dir = None
-    if cfg.backend == "core":  # data checked (stage, splits) before the run folder exists
-        from angioexp.train.loop import resolve_coco_dir
+    backend = get_backend(cfg.backend)
+    backend.check(cfg)
+    if cfg.backend == "sam3" and not args.out:  # SAM3 runs get a folder of their own under train.out_dir
+        from angioexp.backends.sam3.run import output_dir
 
-        coco_dir = resolve_coco_dir(cfg, None)
+        cfg.train.out_dir = str(output_dir(cfg, args))
+    out_dir = cfg.train.out_dir
+    # data checked (stage, splits) and starting weights found before the run folder exists
+    coco_dir = prepare(cfg.data, cfg.stage)
+    init = resolve_weights(cfg.init_from)  # models:/…, runs:/… through the tracking store
     local_init = cfg.init_from if cfg.init_from and "://" not in cfg.init_from else None
-    refuse_output_over_inputs(out_dir, [coco_dir or cfg.data.coco_dir, args.config, local_init])
+    refuse_output_over_inputs(out_dir, [coco_dir, args.config, local_init])
     refuse_foreign_run_folder(out_dir)
     with run_lock(out_dir):
-        return _backend(cfg, args, resume_from=None, coco_dir=coco_dir)
+        return backend.train(cfg, data=coco_dir, init=init)
 
-
-def _backend(cfg, args, *, resume_from, coco_dir=None):
-    if cfg.backend == "sam3":
-        from angioexp.backends.sam3.run import train_sam3
-
-        return train_sam3(cfg, args)
-    from angioexp.train.loop import train
-
-    return train(cfg, resume_from=resume_from, coco_dir=coco_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 
 from angioexp.data.coco import prediction_source
 from angioexp.fileio import write_json_atomic
+from angioexp.train.device import amp_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _load_model(checkpoint_or_model, cfg, device):
             raise InputError("checkpoint has no 'config' entry, so the model it belongs to is unknown: use one "
                              "written by `angioexp train` (<run folder>/checkpoints/best.pt or last.pt)",
                              file=checkpoint_or_model)
-        from angioexp.train.checkpoint import config_from_dict
+        from angioexp.checkpoints import config_from_dict
 
         cfg = config_from_dict(stored, source=checkpoint_or_model)
     model = build_model(cfg)
@@ -176,7 +177,7 @@ def predict_split(checkpoint_or_model, coco_dir: str | Path, split: str, *, devi
     data = EvalSet(coco_dir, cfg, split, num_views=resolved_num_views(cfg), image_ids=image_ids, categories=categories)
     results: list[dict] = []
     autocast = device.type == "cuda" and cfg.optim.amp.enabled
-    dtype = torch.bfloat16 if cfg.optim.amp.amp_dtype == "bfloat16" else torch.float16
+    dtype = amp_dtype(cfg.optim.amp.amp_dtype)
     # Stage 2 with the identity head: no per-prompt decoding, every prompt scored in one softmax.
     identity = cfg.stage == 2 and getattr(model, "has_identity", False)
     class_text_ids = data.tokenizer.batch([data.prompts[c] for c in data.category_ids]).to(device) if identity else None

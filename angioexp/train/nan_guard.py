@@ -151,8 +151,10 @@ class NanGuard:
 
     def restore(self) -> None:
         assert self._snapshot is not None
-        self.model.load_state_dict(self._snapshot["model"])
-        self.optimizer.load_state_dict(self._snapshot["optimizer"])
+        self.model.load_state_dict(self._snapshot["model"])  # copies into the parameters
+        # Optimizer.load_state_dict keeps the given tensors when device and dtype already match: hand
+        # it a copy, or the next step's in-place updates would rewrite the snapshot itself
+        self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
         self.restores += 1
 
     def metrics(self) -> dict[str, float]:

@@ -36,21 +36,12 @@ from typing import Iterable
 from angioexp.config import Config
 from angioexp.errors import CheckpointLoadError, ConfigError, InputError, TrainingDiverged
 from angioexp.train.callbacks import Callback, CallbackList, EvalArtifacts, RunInfo, TrainResult
+from angioexp.train.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 # Computed by SAM3's own evaluator (logged as val/AP, val/AP50, val/AP75 by the writer).
 _SAM3_COCO_KEYS = ("AP", "AP50", "AP75")
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", key="train.device")
-    return name
 
 
 def init_source(cfg: Config, args) -> str | None:
@@ -284,7 +275,7 @@ class _RunState:
 
 
 def _prepare(cfg: Config) -> Path:
-    from angioexp.pipeline import prepare
+    from angioexp.data.prepare import prepare
 
     return prepare(cfg.data, cfg.stage)
 

@@ -44,6 +44,7 @@ from sam3.train.trainer import Trainer
 from angioexp.backends.sam3.matcher import NonFiniteMatchCost
 from angioexp.config import NanGuardConfig
 from angioexp.errors import InputError
+from angioexp.train.device import amp_dtype
 from angioexp.train.nan_guard import NanGuard
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class GuardedTrainer(Trainer):
                     with torch.amp.autocast(
                         device_type=self.device.type,
                         enabled=self.optim_conf.amp.enabled and self.device.type == "cuda",
-                        dtype=_amp_dtype(self.optim_conf.amp.amp_dtype),
+                        dtype=amp_dtype(self.optim_conf.amp.amp_dtype),
                     ):
                         loss_dict, batch_size, extra_losses = self._step(chunk, self.model, phase)
                 except NonFiniteMatchCost as exc:  # the forward pass diverged before any loss existed
@@ -408,10 +409,6 @@ def _peak_memory_gb(device: torch.device) -> float:
     from angioexp.backends.sam3.cpu import peak_rss_gb
 
     return peak_rss_gb()
-
-
-def _amp_dtype(name: str):
-    return torch.bfloat16 if name == "bfloat16" else torch.float16
 
 
 class _nullcontext:
