@@ -82,3 +82,25 @@ def test_predict_runs_a_sam3_model_with_the_core_paths_outputs(sam3_model, tmp_p
     assert {int(r["label"]) for r in rows} == found
     arcade = json.loads((out / "arcade.json").read_text())
     assert len(arcade["categories"]) == 26 and len(arcade["images"]) == 3
+
+
+@pytest.mark.timeout(1200)
+def test_sam3_weights_that_do_not_fill_the_model_are_refused_in_one_line(tmp_path, capsys):
+    """Weights that look like SAM3 but load under 95% of its tensors would predict noise."""
+    import torch
+
+    from angioexp.cli import main
+    from angioexp.config import dump_yaml, load_config
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg = load_config(overrides=["backend=sam3", "scratch.resolution=336"])
+    (folder / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    torch.save({"backbone.vision_backbone.trunk.pos_embed": torch.zeros(3),
+                "backbone.language_backbone.encoder.positional_embedding": torch.zeros(3)}, folder / "weights.pt")
+    frame = tmp_path / "f.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(frame)
+    assert main(["predict", "--model", str(folder), "--input", str(frame), "--out", str(tmp_path / "out")]) == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("angioexp predict: error")]
+    assert "loaded 0/" in line and "below the required 95% (min_loaded_fraction)" in line
+    assert not (tmp_path / "out").exists()
