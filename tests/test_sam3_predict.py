@@ -34,7 +34,10 @@ def sam3_model(tmp_path_factory):
     from angioexp.config import dump_yaml, load_config
 
     folder = tmp_path_factory.mktemp("sam3-model")
-    cfg = load_config(overrides=["backend=sam3", "stage=2", "init_from=none", "scratch.resolution=336"])
+    # trained elsewhere, from a foreign init checkpoint: neither setting may stop predict here
+    cfg = load_config(overrides=["backend=sam3", "stage=2", "init_from=none", "scratch.resolution=336",
+                                 "sam3.bpe_path=/training-machine/bpe_simple_vocab_16e6.txt.gz",
+                                 "sam3.checkpoint_prefix=model.sam."])
     torch.manual_seed(0)
     torch.save(build_sam3_model(resolution=336, eval_mode=True).state_dict(), folder / "weights.pt")
     (folder / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")

@@ -73,9 +73,13 @@ def load_model(weights: str | Path, cfg, device: str = "cpu"):
         raise InputError("is a SAM3 model without a mask head (scratch.enable_segmentation=false): "
                          "predict needs masks", file=weights)
     device = torch.device(device)
+    # The vocabulary is one fixed file (md5-checked): a path from the training machine that is not
+    # here falls back to the installed copy. sam3.checkpoint_prefix described the *init* weights
+    # of that training, not these (SAM3's own state dict, or found by key suffixes).
+    bpe_path = cfg.sam3.bpe_path if cfg.sam3.bpe_path and Path(cfg.sam3.bpe_path).expanduser().is_file() else None
     model = build_sam3_model(
-        bpe_path=cfg.sam3.bpe_path, resolution=cfg.scratch.resolution, enable_segmentation=True,
-        activation_checkpointing=False, checkpoint=str(weights), checkpoint_prefix=cfg.sam3.checkpoint_prefix,
+        bpe_path=bpe_path, resolution=cfg.scratch.resolution, enable_segmentation=True,
+        activation_checkpointing=False, checkpoint=str(weights), checkpoint_prefix=None,
         min_loaded_fraction=PREDICT_MIN_LOADED_FRACTION, eval_mode=True,
     )
     model = model.to(device).eval()
