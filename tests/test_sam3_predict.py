@@ -107,3 +107,27 @@ def test_sam3_weights_that_do_not_fill_the_model_are_refused_in_one_line(tmp_pat
     (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("angioexp predict: error")]
     assert "loaded 0/" in line and "below the required 95% (min_loaded_fraction)" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_request_is_refused_before_the_sam3_model_is_built(tmp_path, capsys):
+    """--arcade on a Stage 1 model and an unknown segment fail on the config alone: the weights
+    here would not even load, so reaching the build would give another error."""
+    import torch
+
+    from angioexp.cli import main
+    from angioexp.config import dump_yaml, load_config
+
+    frame = tmp_path / "f.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(frame)
+    for stage, extra, expected in ((1, ["--arcade", str(tmp_path / "a.json")], "this is a Stage 1 model"),
+                                   (2, ["--prompts", "6", "99z"], "unknown segment")):
+        folder = tmp_path / f"stage{stage}"
+        folder.mkdir()
+        cfg = load_config(overrides=["backend=sam3", f"stage={stage}", "init_from=none", "scratch.resolution=336"])
+        (folder / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        torch.save({"backbone.vision_backbone.trunk.pos_embed": torch.zeros(3),
+                    "backbone.language_backbone.encoder.positional_embedding": torch.zeros(3)}, folder / "weights.pt")
+        assert main(["predict", "--model", str(folder), "--input", str(frame), "--out", str(tmp_path / "out"), *extra]) == 2
+        (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("angioexp predict: error")]
+        assert expected in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a.json").exists()

@@ -57,8 +57,11 @@ def _no_arcade_reason(cfg, categories: list[dict]) -> str | None:
     return None
 
 
-def load_model(uri: str, device: str = "cpu"):
-    """(model, cfg, ResolvedModel) for the core- or SAM3-backend model behind ``uri``."""
+def load_model(uri: str, device: str = "cpu", *, check=None):
+    """(model, cfg, ResolvedModel) for the core- or SAM3-backend model behind ``uri``.
+
+    ``check(cfg)`` runs before the model is built when the config comes with the weights (a
+    registered model, a run folder): a bad request fails before a SAM3 build of a minute."""
     from angioexp.tracking.models import resolve_model
     from angioexp.train.checkpoint import config_from_dict
 
@@ -79,6 +82,8 @@ def load_model(uri: str, device: str = "cpu"):
         if not sam3_available():
             raise InputError("is a SAM3 model: install the sam3 extra first (pip install 'angioexp[sam3]', "
                              "see README 'SAM3 backend')", file=text)
+    if check is not None and cfg is not None:
+        check(cfg)
     load, _ = _backend_runner(backend)
     model, cfg = load(str(resolved.weights), cfg, device)
     model.eval()
@@ -207,14 +212,11 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
     sources = read_inputs(inputs, frames)
     device = _resolve_device(device)
     t0 = time.perf_counter()
-    model, cfg, resolved = load_model(model_uri, device)
+    model, cfg, resolved = load_model(model_uri, device, check=lambda c: _plan(c, prompts, arcade))
     load_s = time.perf_counter() - t0
     _, predict_split = _backend_runner(cfg.backend)
     threshold = cfg.eval.score_threshold if threshold is None else float(threshold)
-    categories = categories_for(cfg, prompts)
-    no_arcade = _no_arcade_reason(cfg, categories)
-    if arcade is not None and no_arcade:
-        raise InputError(no_arcade, key="--arcade")
+    categories, no_arcade = _plan(cfg, prompts, arcade)
     names = {c["id"]: c["name"] for c in categories}
     total = sum(len(s.frame_indices) for s in sources)
     timings = {"load_model": load_s, "predict": 0.0, "write": 0.0}
@@ -276,6 +278,16 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
         if not no_arcade:  # last: a failure before it leaves nothing behind, here or at --arcade
             _write_arcade(arcade or tmp / ARCADE_FILE, images, categories, all_results, threshold)
     return summary
+
+
+def _plan(cfg, prompts: list[str] | None, arcade: Path | None) -> tuple[list[dict], str | None]:
+    """(categories to query, why no ARCADE file is written or None); refuses unknown prompts and
+    an --arcade that this model cannot fill."""
+    categories = categories_for(cfg, prompts)
+    no_arcade = _no_arcade_reason(cfg, categories)
+    if arcade is not None and no_arcade:
+        raise InputError(no_arcade, key="--arcade")
+    return categories, no_arcade
 
 
 def _check_arcade_target(arcade: str | Path, out: Path, inputs) -> Path:
