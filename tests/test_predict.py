@@ -81,6 +81,7 @@ def test_predict_a_dicom_cine_writes_label_maps_overlays_video_and_tables(checkp
     preds = json.loads((out / "predictions.json").read_text())
     assert {p["image_id"] for p in preds} <= {im["id"] for im in images}
     assert json.loads((out / "predict.json").read_text())["model"]["uri"] == str(ckpt)
+    assert summary["arcade"] is None and "Stage 1" in summary["no_arcade"] and not (out / "arcade.json").exists()
 
 
 def test_predict_goes_through_the_evaluations_inference_and_merge(checkpoint, tmp_path):
@@ -191,6 +192,39 @@ def test_a_sam3_model_without_the_sam3_extra_says_how_to_install(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bare_sam3_state_dict_is_recognised_as_sam3(checkpoint, tmp_path):
+    """A SAM3 run's model_weights.pt carries no config: its tensor names say it is SAM3."""
+    import importlib.util
+
+    import torch
+
+    from angioexp.predict import _stored_backend
+
+    ckpt, _ = checkpoint
+    assert _stored_backend(ckpt) == "core"
+    bare = tmp_path / "model_weights.pt"
+    torch.save({"backbone.vision_backbone.trunk.patch_embed.proj.weight": torch.zeros(2),
+                "backbone.language_backbone.encoder.positional_embedding": torch.zeros(2)}, bare)
+    assert _stored_backend(bare) == "sam3"
+    if importlib.util.find_spec("sam3") is None:
+        frame = tmp_path / "f.png"
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(frame)
+        with pytest.raises(InputError, match=r"is a SAM3 model: install the sam3 extra first"):
+            predict(str(bare), [frame], tmp_path / "out")
+
+
+def test_a_stage1_model_writes_no_arcade_file_and_refuses_arcade(checkpoint, tmp_path, capsys):
+    ckpt, coco = checkpoint
+    frame = next((coco / "val" / "images").glob("*.png"))
+    assert main(["predict", "--model", str(ckpt), "--input", str(frame), "--out", str(tmp_path / "o")]) == 0
+    assert "no ARCADE file: ARCADE's format holds SYNTAX segments, and this is a Stage 1 model" in capsys.readouterr().out
+    assert not (tmp_path / "o" / "arcade.json").exists()
+    code = main(["predict", "--model", str(ckpt), "--input", str(frame), "--out", str(tmp_path / "o2"),
+                 "--arcade", str(tmp_path / "a.json")])
+    assert code == 2 and "this is a Stage 1 model" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "a.json").exists()
+
+
 def test_overlay_png_and_animated_png_are_lossless():
     import io
 
@@ -207,7 +241,7 @@ def test_overlay_png_and_animated_png_are_lossless():
             assert np.array_equal(np.asarray(movie.convert("RGB")), expected)
 
 
-def test_stage2_model_labels_only_the_prompted_segments_and_says_no_arcade(tmp_path):
+def test_stage2_model_labels_only_the_prompted_segments(tmp_path):
     from test_core_fixtures import STAGE2_LABELS
 
     coco = make_vessel_coco(tmp_path / "coco", stage=2, size=64, n_train=4, n_val=2, seed=2)
@@ -218,7 +252,7 @@ def test_stage2_model_labels_only_the_prompted_segments_and_says_no_arcade(tmp_p
     summary = predict(str(tmp_path / "run" / "checkpoints" / "last.pt"), [frame], tmp_path / "out", prompts=prompts,
                       threshold=0.0)
     assert [c["id"] for c in summary["categories"]] == list(STAGE2_LABELS[:2])
-    assert summary["arcade"] and "ARCADE" in summary["arcade"]
+    assert summary["arcade"] == str(tmp_path / "out" / "arcade.json") and summary["no_arcade"] is None
     labels = np.load(tmp_path / "out" / frame.stem / "labels" / "frame_0000.npy")
     assert set(np.unique(labels).tolist()) <= {0, *STAGE2_LABELS[:2]} and labels.any()
     table = _rows(tmp_path / "out" / "segments.csv")

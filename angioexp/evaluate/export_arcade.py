@@ -103,13 +103,15 @@ def _coco_json(coco: str | Path) -> Path:
     return path / "annotations.json" if path.is_dir() else path
 
 
-def export_arcade(coco: str | Path, predictions: str | Path | list, out: str | Path, *,
+def export_arcade(coco: str | Path | dict, predictions: str | Path | list, out: str | Path, *,
                   template: str | Path | None = None, score_threshold: float = 0.5) -> Path:
-    """Write ``predictions`` on the converted split ``coco`` as an ARCADE submission at ``out``."""
+    """Write ``predictions`` on the converted split ``coco`` (or its COCO dict: ``angioexp
+    predict``'s frames) as an ARCADE submission at ``out``."""
     out = Path(out)
     if out.exists():
         raise InputError(f"output already exists (choose another --out): {out}")
-    gt = load_ground_truth(_coco_json(coco))
+    coco_file = None if isinstance(coco, dict) else _coco_json(coco)
+    gt = load_ground_truth(coco if coco_file is None else coco_file)
     prediction_file = None
     if not isinstance(predictions, list):
         prediction_file = Path(predictions)
@@ -141,7 +143,7 @@ def export_arcade(coco: str | Path, predictions: str | Path | list, out: str | P
         if file_name in case_of_file:  # e.g. --split-map val=test: ARCADE's ids restart in every split
             raise InputError(f"cases {case_of_file[file_name]} and {image.get('case_id')} both come from ARCADE's "
                              f"{file_name!r}: this split mixes ARCADE splits; export one ARCADE split at a time",
-                             file=_coco_json(coco))
+                             file=coco_file)
         case_of_file[file_name] = image.get("case_id")
         if file_name not in by_file:
             raise InputError(f"image {file_name!r} (case {image.get('case_id')}) is not in the template", file=template)

@@ -6,7 +6,9 @@ The model comes through :func:`angioexp.tracking.models.resolve_model` (``models
 ``runs:/…``, a checkpoint file or folder — as ``init_from`` in training) and runs through the
 evaluation's own inference: the frames of each input are laid out as a COCO split (8-bit, the
 converter's windowing) and predicted with :func:`angioexp.train.inference.predict_split`, so a
-change to how a stage is inferred there reaches ``predict`` too. Per (frame, category) the
+change to how a stage is inferred there reaches ``predict`` too; a SAM3-backend model with
+:func:`angioexp.backends.sam3.predict.predict_split` (SAM3's own image inference), which gives
+the same results format (:func:`_backend_runner` picks). Per (frame, category) the
 results with score ≥ ``threshold`` are merged as the evaluator merges them (Dice and clDice are
 computed on the same union); where two categories claim a pixel, the higher-scoring one keeps it.
 
@@ -16,6 +18,7 @@ Output (written into a temporary sibling of ``out`` and renamed into place)::
     images.json                COCO image entries: id, source file, frame, size, spacing, angles
     segments.csv               per frame and label: area (px, mm²), centreline length (px, mm)
     predict.json               model (URI, resolved version / run), threshold, categories, counts, timings
+    arcade.json                Stage 2: ARCADE submission (export-arcade's writer; ``arcade=`` puts it elsewhere)
     <input>/labels/frame_NNNN.npy, .png   uint8 label map (PNG: palette, values = labels)
     <input>/overlays/frame_NNNN.png       the frame with the labels tinted
     <input>/overlay.mp4 or overlay_cine.png  a cine's overlay video (MP4 with imageio-ffmpeg, else APNG)
@@ -38,16 +41,29 @@ from angioexp.fileio import refuse_output_over_inputs
 
 log = logging.getLogger(__name__)
 
-ARCADE_NOTE = "ARCADE-format output: no ARCADE exporter in this angioexp; use predictions.json (COCO results)"
+ARCADE_FILE = "arcade.json"
+NO_ARCADE_STAGE1 = "no ARCADE file: ARCADE's format holds SYNTAX segments, and this is a Stage 1 model"
+NO_ARCADE_SEGMENTS = "no ARCADE file: none of the queried segments is one of ARCADE's 25 (--prompts)"
 
 
-def load_model(uri: str, device: str = "cpu"):
-    """(model, cfg, ResolvedModel) for a core-backend model behind ``uri``."""
-    import importlib.util
+def _no_arcade_reason(cfg, categories: list[dict]) -> str | None:
+    """Why no ARCADE file is written (None: it is)."""
+    from angioexp.evaluate.arcade import NON_ARCADE_LABELS
 
-    from angioexp.checkpoints import config_from_dict
+    if cfg.stage != 2:
+        return NO_ARCADE_STAGE1
+    if all(c["id"] in NON_ARCADE_LABELS for c in categories):
+        return NO_ARCADE_SEGMENTS
+    return None
+
+
+def load_model(uri: str, device: str = "cpu", *, check=None):
+    """(model, cfg, ResolvedModel) for the core- or SAM3-backend model behind ``uri``.
+
+    ``check(cfg)`` runs before the model is built when the config comes with the weights (a
+    registered model, a run folder): a bad request fails before a SAM3 build of a minute."""
     from angioexp.tracking.models import resolve_model
-    from angioexp.train.inference import _load_model
+    from angioexp.checkpoints import config_from_dict
 
     text = str(uri).strip()
     if text.startswith(("models:/", "runs:/")):
@@ -61,24 +77,48 @@ def load_model(uri: str, device: str = "cpu"):
     cfg = config_from_dict(resolved.config, source=text) if resolved.config else None
     backend = (cfg.backend if cfg is not None else _stored_backend(resolved.weights))
     if backend == "sam3":
-        if importlib.util.find_spec("sam3") is None:
+        from angioexp.backends.sam3 import sam3_available
+
+        if not sam3_available():
             raise InputError("is a SAM3 model: install the sam3 extra first (pip install 'angioexp[sam3]', "
                              "see README 'SAM3 backend')", file=text)
-        raise InputError("is a SAM3 model: predict runs core-backend models; score SAM3 models with "
-                         "`angioexp train --backend sam3` evaluations", file=text)
-    import torch
-
-    model, cfg = _load_model(str(resolved.weights), cfg, torch.device(device))
+    if check is not None and cfg is not None:
+        check(cfg)
+    load, _ = _backend_runner(backend)
+    model, cfg = load(str(resolved.weights), cfg, device)
     model.eval()
     return model, cfg, resolved
 
 
-def _stored_backend(weights: Path) -> str:
-    from angioexp.checkpoints import read_checkpoint
+def _backend_runner(backend: str):
+    """(load(weights, cfg or None, device) → (model, cfg), predict_split) of a backend: the one
+    place where predict tells the backends apart. Both predict_split give COCO results alike."""
+    if backend == "sam3":
+        from angioexp.backends.sam3 import predict as sam3_predict
 
-    payload = read_checkpoint(weights)
+        return sam3_predict.load_model, sam3_predict.predict_split
+    import torch
+
+    from angioexp.train.inference import _load_model, predict_split
+
+    return (lambda weights, cfg, device: _load_model(weights, cfg, torch.device(device))), predict_split
+
+
+def _stored_backend(weights: Path) -> str:
+    """The backend of a checkpoint without a config beside it: its stored config's, else SAM3
+    when its tensors are SAM3's (a SAM3 run's model_weights.pt is a bare state dict)."""
+    from angioexp.backends.sam3.weights import looks_like_sam3, read_payload
+    from angioexp.checkpoints import extract_state_dict
+
+    payload = read_payload(weights)  # memory-mapped: a SAM3 file is ~3.4 GB
     stored = payload.get("config") if isinstance(payload, dict) else None
-    return str((stored or {}).get("backend") or "core")
+    if isinstance(stored, dict):
+        return str(stored.get("backend") or "core")
+    try:
+        state = extract_state_dict(payload)
+    except InputError:
+        return "core"  # the core loader names what is wrong with the file
+    return "sam3" if looks_like_sam3(state) else "core"
 
 
 def categories_for(cfg, prompts: list[str] | None) -> list[dict]:
@@ -137,15 +177,17 @@ def write_frame(folder: Path, stem: str, gray: np.ndarray, results: list[dict], 
 
 def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompts: list[str] | None = None,
             threshold: float | None = None, frames: str | None = None, device: str = "cpu",
-            overwrite: bool = False, progress: bool = False) -> dict:
-    """Predict every input (see the module docstring); returns the summary written to predict.json."""
+            overwrite: bool = False, progress: bool = False, arcade: str | Path | None = None) -> dict:
+    """Predict every input (see the module docstring); returns the summary written to predict.json.
+
+    ``arcade``: where a Stage 2 model's ARCADE submission goes (default ``out/arcade.json``); an
+    existing file there is refused, never replaced (``overwrite`` is for ``out`` only)."""
     from tqdm import tqdm
 
     from angioexp.data.convert import encode_png_gray8, to_uint8
     from angioexp.fileio import atomic_dir, write_json_atomic
     from angioexp.predict.inputs import input_roots, read_inputs
     from angioexp.predict.outputs import write_video
-    from angioexp.train.inference import predict_split
 
     if not inputs:
         raise InputError("no --input given", key="--input")
@@ -153,6 +195,8 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError("output already exists (pass --overwrite to replace it)", file=out)
+    if arcade is not None:
+        arcade = _check_arcade_target(arcade, out, inputs)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be in [0, 1], got {threshold}", key="--threshold")
     sources = read_inputs(inputs, frames)
@@ -160,10 +204,11 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
 
     device = resolve_device(device, key="--device")
     t0 = time.perf_counter()
-    model, cfg, resolved = load_model(model_uri, device)
+    model, cfg, resolved = load_model(model_uri, device, check=lambda c: _plan(c, prompts, arcade))
     load_s = time.perf_counter() - t0
+    _, predict_split = _backend_runner(cfg.backend)
     threshold = cfg.eval.score_threshold if threshold is None else float(threshold)
-    categories = categories_for(cfg, prompts)
+    categories, no_arcade = _plan(cfg, prompts, arcade)
     names = {c["id"]: c["name"] for c in categories}
     total = sum(len(s.frame_indices) for s in sources)
     timings = {"load_model": load_s, "predict": 0.0, "write": 0.0}
@@ -217,19 +262,58 @@ def predict(model_uri: str, inputs: list[str | Path], out: str | Path, *, prompt
             "device": device, "score_threshold": threshold, "mask_threshold": cfg.eval.mask_threshold,
             "categories": categories, "inputs": [str(p) for p in inputs], "sources": len(sources), "frames": total,
             "overlap_rule": "a pixel claimed by several categories gets the highest-scoring one",
-            "arcade": ARCADE_NOTE if cfg.stage == 2 else None,
+            "arcade": None if no_arcade else str(arcade or out / ARCADE_FILE), "no_arcade": no_arcade,
         }
         timings["write"] += time.perf_counter() - t0
         summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         write_json_atomic(tmp / "predict.json", summary)
-    if cfg.stage == 2:
-        log.info(ARCADE_NOTE)
+        if not no_arcade:  # last: a failure before it leaves nothing behind, here or at --arcade
+            _write_arcade(arcade or tmp / ARCADE_FILE, images, categories, all_results, threshold)
     return summary
 
 
+def _plan(cfg, prompts: list[str] | None, arcade: Path | None) -> tuple[list[dict], str | None]:
+    """(categories to query, why no ARCADE file is written or None); refuses unknown prompts and
+    an --arcade that this model cannot fill."""
+    categories = categories_for(cfg, prompts)
+    no_arcade = _no_arcade_reason(cfg, categories)
+    if arcade is not None and no_arcade:
+        raise InputError(no_arcade, key="--arcade")
+    return categories, no_arcade
+
+
+def _check_arcade_target(arcade: str | Path, out: Path, inputs) -> Path:
+    """--arcade refused up front: an input, inside ``out`` (that folder is replaced whole), or an
+    existing file (a submission is never overwritten)."""
+    from angioexp.predict.inputs import input_roots
+
+    arcade = refuse_output_over_inputs(arcade, input_roots(inputs), option="--arcade")
+    if arcade.resolve().is_relative_to(out.resolve()):
+        raise InputError(f"lies inside --out; leave --arcade out to get {out / ARCADE_FILE}", file=arcade, key="--arcade")
+    if arcade.exists():
+        raise InputError("ARCADE output already exists (choose another --arcade; it is never overwritten)",
+                         file=arcade, key="--arcade")
+    return arcade
+
+
+def _write_arcade(path: Path, images: list[dict], categories: list[dict], results: list[dict], threshold: float) -> None:
+    """The predictions in ARCADE's submission format, by ``angioexp export-arcade``'s writer: its
+    26 categories and ids, one annotation of polygons per frame and segment at score ≥ threshold;
+    frames named by ``arcade_file_name`` (images.json)."""
+    from angioexp.evaluate.export_arcade import export_arcade
+
+    frames = [{**image, "source_file_name": image["arcade_file_name"]} for image in images]
+    export_arcade({"images": frames, "annotations": [], "categories": categories}, results, path,
+                  score_threshold=threshold)
+
+
 def _image_entry(image_id: int, source, frame_index: int, shape: tuple[int, int]) -> dict:
+    # ARCADE matches frames by file name: a frame file keeps its name (ARCADE's own are 1.png …),
+    # a cine's frames are named by cine and frame
+    arcade_name = f"{source.name}.png" if source.kind == "image" else f"{source.name}_frame_{frame_index:04d}.png"
     return {"id": image_id, "file_name": f"images/{image_id}.png", "height": int(shape[0]), "width": int(shape[1]),
             "source": str(source.path), "source_name": source.name, "frame_index": int(frame_index),
+            "arcade_file_name": arcade_name,
             "pixel_spacing_mm": source.pixel_spacing_mm, "primary_angle": source.primary_angle,
             "secondary_angle": source.secondary_angle}
 

@@ -18,15 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", default=None, help="frames of each cine, e.g. 0,3,5-8 (default: all; a CSV row: its frame)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--arcade", default=None, metavar="FILE", help="Stage 2: write the ARCADE submission JSON here "
+                        "(default <out>/arcade.json; an existing file is refused, never replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
     from angioexp.predict import predict
 
     summary = predict(args.model, args.input, args.out, prompts=args.prompts, threshold=args.threshold,
-                      frames=args.frames, device=args.device, overwrite=args.overwrite, progress=True)
+                      frames=args.frames, device=args.device, overwrite=args.overwrite, progress=True,
+                      arcade=args.arcade)
+    arcade = f"ARCADE submission {summary['arcade']}" if summary["arcade"] else summary["no_arcade"]
     print(f"predicted {summary['frames']} frame(s) of {summary['sources']} input(s) with {summary['model']['uri']} "
-          f"→ {args.out}/ (labels, overlays, segments.csv, predictions.json)")
-    if summary["arcade"]:
-        print(summary["arcade"])
+          f"→ {args.out}/ (labels, overlays, segments.csv, predictions.json); {arcade}")
     return 0

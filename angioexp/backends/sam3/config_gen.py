@@ -268,11 +268,16 @@ def _split(coco_dir: Path, split: str, ann_name: str = "annotations.json") -> tu
     return root, ann, data
 
 
+def category_prompt(category: dict) -> str:
+    """The text SAM3 is queried with for a COCO category: its ``prompt``, else its name."""
+    return category.get("prompt") or category["name"]
+
+
 def _prompts_json(categories: list[dict]) -> str | None:
     """SAM3's COCO_FROM_JSON ``prompts`` (text per category id) when categories carry prompts."""
     if not any("prompt" in c for c in categories):
         return None
-    return repr([{"id": int(c["id"]), "name": c.get("prompt") or c["name"]} for c in categories])
+    return repr([{"id": int(c["id"]), "name": category_prompt(c)} for c in categories])
 
 
 def build(

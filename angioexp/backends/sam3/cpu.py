@@ -154,17 +154,17 @@ SHIMS: dict[str, Callable[[], Callable[[], None]]] = {
 }
 
 
-def apply_cpu_shims(force: bool = False) -> list[str]:
+def apply_cpu_shims(force: bool = False, *, announce: bool = True) -> list[str]:
     """Install every shim (idempotent). No-op when CUDA is available unless ``force``.
 
-    Returns the names of the shims now active.
+    Returns the names of the shims now active; ``announce`` logs them (at INFO, else DEBUG).
     """
     if cuda_available() and not force:
         return []
     for name, install in SHIMS.items():
         if name not in _applied:
             _applied[name] = install()
-    log.info("SAM3 CPU shims active: %s", ", ".join(_applied))
+    log.log(logging.INFO if announce else logging.DEBUG, "SAM3 CPU shims active: %s", ", ".join(_applied))
     return list(_applied)
 
 
@@ -175,9 +175,10 @@ def remove_cpu_shims() -> None:
 
 @contextlib.contextmanager
 def cpu_shims(force: bool = False) -> Iterator[list[str]]:
-    """``apply_cpu_shims`` for the duration of a ``with`` block (then everything is undone)."""
+    """``apply_cpu_shims`` for the duration of a ``with`` block (then everything is undone);
+    quiet, as ``predict`` enters it once per batch of frames."""
     already = set(_applied)
-    names = apply_cpu_shims(force=force)
+    names = apply_cpu_shims(force=force, announce=False)
     try:
         yield names
     finally:

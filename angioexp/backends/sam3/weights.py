@@ -128,17 +128,30 @@ def resolve_checkpoint(source: str) -> Path:
     return chosen[0]
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of ``path``, memory-mapped (``torch.load(mmap=True, weights_only=True)``):
-    tensors are paged in from the file as they are copied into the model, not read up front.
-    Files in torch's legacy (pre-zip) format cannot be mapped and are read whole."""
-    payload = None
+def read_payload(path: Path):
+    """What ``path`` holds, memory-mapped (``torch.load(mmap=True, weights_only=True)``):
+    tensors are paged in from the file as they are used, not read up front. Files in torch's
+    legacy (pre-zip) format cannot be mapped and are read whole."""
     if path.is_file():
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - legacy format, or corrupt: read_checkpoint says which
             log.debug("%s: not memory-mappable (%s); reading it whole", path, exc)
-    return extract_state_dict(payload if payload is not None else read_checkpoint(path))
+    return read_checkpoint(path)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of ``path``, memory-mapped (:func:`read_payload`)."""
+    return extract_state_dict(read_payload(path))
+
+
+# Key fragments only SAM3's image model has (its VL backbone's two towers), under any prefix.
+SAM3_KEY_MARKS = ("backbone.vision_backbone.trunk.", "backbone.language_backbone.")
+
+
+def looks_like_sam3(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds SAM3's image model (vanilla, trainer, exported or foreign)."""
+    return all(any(mark in name for name in state) for mark in SAM3_KEY_MARKS)
 
 
 def find_prefix(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> tuple[str, int]:
