@@ -13,10 +13,12 @@ import pytest
 from tracking_store import _migrated_store, store_uri  # noqa: F401 - fixtures
 
 from angioexp.dashboard import DashboardOptions, build_dashboards
-from angioexp.dashboard.init_vs_scratch import METRIC, find_pairs, stage2_runs
+from angioexp.dashboard.init_vs_scratch import find_pairs, stage2_runs
+
+VAL = "val/segments/dice_common"
 
 
-def _run(client, experiment_id, *, seed, init, value, digest="d1", lr="3.0", status="FINISHED"):
+def _run(client, experiment_id, *, seed, init, value, digest="d1", lr="3.0", status="FINISHED", test=None):
     run = client.create_run(experiment_id, run_name=f"s{seed}-{'init' if init else 'scratch'}")
     run_id = run.info.run_id
     params = {"seed": str(seed), "init_from": "models:/angio-stage1@champion" if init else "None",
@@ -25,7 +27,9 @@ def _run(client, experiment_id, *, seed, init, value, digest="d1", lr="3.0", sta
         client.log_param(run_id, key, value_)
     client.set_tag(run_id, "dataset.digest", digest)
     if value is not None:
-        client.log_metric(run_id, METRIC, value, step=600)
+        client.log_metric(run_id, VAL, value, step=600)
+    if test is not None:
+        client.log_metric(run_id, "test/segments/dice_common", test, step=600)
     client.set_terminated(run_id, status)
     return run_id
 
@@ -74,3 +78,34 @@ def test_one_pair_is_called_an_anecdote_and_no_pair_says_how_to_get_one(stage2, 
     build_dashboards(DashboardOptions(out=out, log_to_mlflow=False))
     text = html_lib.unescape((out / "index.html").read_text(encoding="utf-8"))
     assert "over 1 pair(s): mean -0.020 — one pair is an anecdote" in text
+
+
+def test_a_pair_compares_test_scores_when_both_runs_have_them(stage2):
+    client, exp = stage2
+    _run(client, exp, seed=0, init=True, value=0.5, test=0.61)
+    _run(client, exp, seed=0, init=False, value=0.4, test=0.60)
+    _run(client, exp, seed=1, init=True, value=0.5, test=0.61)
+    _run(client, exp, seed=1, init=False, value=0.4)  # no test score: both compared on val
+    pairs = sorted(find_pairs(stage2_runs(client)), key=lambda p: p.init.data.params["seed"])
+    assert [p.metric for p in pairs] == ["test/segments/dice_common", VAL]
+    assert [round(p.difference, 3) for p in pairs] == [0.01, 0.1]
+
+
+@pytest.mark.slow
+def test_the_stage2_bench_with_track_logs_pairs_the_overview_finds(store_uri, tmp_path, monkeypatch):
+    """``python -m angioexp.bench --only stage2 --quick --track``: real tiny trainings, tracked."""
+    from mlflow import MlflowClient
+
+    from angioexp.bench.__main__ import main as bench_main
+    from angioexp.dashboard.init_vs_scratch import BENCH_EXPERIMENT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ANGIOEXP_BENCH_CACHE", str(tmp_path / "cache"))
+    assert bench_main(["--only", "stage2", "--quick", "--track", "--no-write"]) == 0
+    client = MlflowClient(store_uri)
+    runs = client.search_runs([client.get_experiment_by_name(BENCH_EXPERIMENT).experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert all("test/segments/dice_common" in r.data.metrics for r in runs)
+    assert client.search_registered_models() == []  # a benchmark registers nothing
+    pairs = find_pairs(stage2_runs(client))
+    assert len(pairs) == 2 and {p.metric for p in pairs} == {"test/segments/dice_common"}

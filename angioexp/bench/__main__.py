@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--output", default="BENCHMARKS.md", help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--track", action="store_true",
+                        help="stage2: log its training runs to MLflow (the dashboards' overview pairs them)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"[bench] {area}: {getattr(module, 'UNAVAILABLE', 'not available here')}, skipped", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        figures = module.run(quick=args.quick)
+        tracks = "track" in inspect.signature(module.run).parameters
+        if args.track and not tracks:
+            print(f"[bench] {area}: logs no runs, --track ignored", file=sys.stderr)
+        figures = module.run(quick=args.quick, **({"track": True} if args.track and tracks else {}))
         command = f"python -m angioexp.bench --only {area}" + (" --quick" if args.quick else "")
         section = render_section(area, module.TITLE, figures, command)
         print(section)

@@ -15,6 +15,7 @@ Data: ``CASES`` single-frame synthetic cases (Stage 2 labels), the test split â‰
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -80,15 +81,37 @@ def _score(checkpoint: Path, coco: Path, out_dir: Path, gt) -> tuple[dict, objec
     return metrics, gt
 
 
-def run(quick: bool) -> list[Figure]:
+def run(quick: bool, track: bool = False) -> list[Figure]:
+    """``track``: every Stage 2 run goes through MLflow tracking (experiment ``BENCH_EXPERIMENT``,
+    nothing registered) with its test-split score logged as ``test/segments/*``, so the
+    dashboards' overview shows the paired comparison."""
     import torch
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="angioexp-bench-stage2-") as tmp:
-        return _measure(Path(tmp), quick)
+        return _measure(Path(tmp), quick, track)
 
 
-def _measure(root: Path, quick: bool) -> list[Figure]:
+def _train_stage2(cfg, coco: Path, init: Path | None, snapshots: MarkSnapshots, track: bool):
+    """(TrainResult, MLflow run id or None)."""
+    if not track:
+        from angioexp.train.loop import train
+
+        return train(cfg, coco_dir=coco, init_checkpoint=init, callbacks=[snapshots]), None
+    import json
+
+    from angioexp.tracking.resume import RUN_FILE
+    from angioexp.tracking.session import tracked_train
+
+    from angioexp.dashboard.init_vs_scratch import BENCH_EXPERIMENT
+
+    cfg.tracking.experiment, cfg.tracking.register = BENCH_EXPERIMENT, False
+    cfg.init_from = str(init) if init is not None else None
+    result = tracked_train(cfg, extra_callbacks=[snapshots])
+    return result, json.loads((result.out_dir / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+
+
+def _measure(root: Path, quick: bool, track: bool = False) -> list[Figure]:
     from angioexp.data.prepare import prepare
     from angioexp.train.loop import train
 
@@ -111,7 +134,7 @@ def _measure(root: Path, quick: bool) -> list[Figure]:
             cfg = _config(2, seed, root / f"s2_{arm}_{seed}", cache, s2_min, extra, cases)
             coco = Path(prepare(cfg.data, 2))
             snapshots = MarkSnapshots(marks, root / f"snap_{arm}_{seed}")
-            result = train(cfg, coco_dir=coco, init_checkpoint=init, callbacks=[snapshots])
+            result, run_id = _train_stage2(cfg, coco, init, snapshots, track)
             steps[arm, seed] = result.steps
             row = {}
             for mark, path in sorted(snapshots.saved.items()):
@@ -119,6 +142,15 @@ def _measure(root: Path, quick: bool) -> list[Figure]:
                 row[f"{mark:g}"] = metrics["val/segments/dice_common"]
             metrics, gt = _score(result.best_checkpoint or result.checkpoint, coco, root / f"eval_{arm}_{seed}_end", gt)
             row["end"] = metrics["val/segments/dice_common"]
+            if run_id is not None:  # the test-split score beside the run's own val evaluations
+                from mlflow import MlflowClient
+                from mlflow.entities import Metric
+
+                from angioexp.tracking.uri import configure_mlflow
+
+                MlflowClient(configure_mlflow()).log_batch(run_id, metrics=[
+                    Metric(f"test/segments/{k.removeprefix('val/segments/')}", v, int(time.time() * 1000), result.steps)
+                    for k, v in metrics.items() if k.startswith("val/segments/") and math.isfinite(v)])
             reference = {k: metrics[f"val/segments/{k}"] for k in ("floor_common", "ceiling_common", "n_frames", "n_common")}
             scores[arm, seed] = row
             log.info("stage2 bench seed %d %s: %s", seed, arm, row)
