@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from browser_check import chromium_path, plot_area_not_blank, render
-from sweep_helpers import write_space
+from tests.helpers.browser_check import chromium_path, plot_area_not_blank, render
+from tests.helpers.sweep_space import write_space
 
 pytestmark = pytest.mark.slow
 
@@ -500,7 +500,7 @@ def test_sweep_trial_runs_can_be_chosen_by_experiment(dash_store, tmp_path):
 
 def test_dashboards_read_through_an_mlflow_server_too(dash_store, built, tmp_path):
     """Any tracking URI: the same pages from a real `mlflow server` on 127.0.0.1 over REST."""
-    from tracking_store import mlflow_server
+    from tests.helpers.tracking_store import mlflow_server
 
     with mlflow_server(dash_store.uri) as base:
         result = _build(dash_store, tmp_path / "dash", tracking_uri=base, log_to_mlflow=False, max_versions=1)

@@ -16,7 +16,7 @@ mlflow = pytest.importorskip("mlflow")
 torch = pytest.importorskip("torch")
 
 from angioexp.config import load_config  # noqa: E402
-from tracking_store import mlflow_server  # noqa: E402
+from tests.helpers.tracking_store import mlflow_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -1,45 +1,15 @@
-"""A fast per-test MLflow SQLite store for the tracking tests.
-
-Creating a fresh MLflow database runs all of MLflow's schema migrations (seconds of CPU per
-test). The store is migrated once per session and copied for each test — the copy is a real,
-independent SQLite store, so nothing is shared or mocked. Artifacts go under the test's tmp_path.
-"""
+"""A real ``mlflow server`` for the tests that need one (the per-test SQLite store, ``store_uri``,
+is a fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-
-import pytest
-
-
-@pytest.fixture(scope="session")
-def _migrated_store(tmp_path_factory):
-    import mlflow
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # creates + migrates the schema
-    return path
-
-
-@pytest.fixture()
-def store_uri(_migrated_store, tmp_path, monkeypatch) -> str:
-    import mlflow
-
-    db = tmp_path / "mlflow.db"
-    shutil.copyfile(_migrated_store, db)
-    uri = f"sqlite:///{db}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("ANGIOEXP_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 @contextlib.contextmanager
