@@ -13,7 +13,6 @@ workers could still share is grouped onto one worker in :func:`pytest_collection
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -80,19 +79,6 @@ def _model_cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture()
-def mlflow_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite tracking store (real MLflow, no mocks) with artifacts under tmp_path."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("ANGIOEXP_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 @pytest.fixture(scope="session")
 def _migrated_store(tmp_path_factory):
     """An MLflow SQLite store migrated once per session (per xdist worker): creating a fresh one
@@ -106,15 +92,21 @@ def _migrated_store(tmp_path_factory):
 
 @pytest.fixture()
 def store_uri(_migrated_store, tmp_path, monkeypatch) -> str:
-    """Like ``mlflow_uri``, but a copy of the migrated store: a real, independent SQLite store per
-    test (nothing shared or mocked), artifacts under tmp_path."""
+    """A fresh SQLite tracking store (real MLflow, no mocks: a copy of the migrated template, an
+    independent store) with artifacts under tmp_path."""
     import mlflow
 
-    db = tmp_path / "mlflow.db"
-    shutil.copyfile(_migrated_store, db)
-    uri = f"sqlite:///{db}"
+    from tests.helpers.tracking_store import copy_of_migrated_store
+
+    uri = copy_of_migrated_store(_migrated_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("ANGIOEXP_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture()
+def mlflow_uri(store_uri) -> str:
+    """The same store as ``store_uri`` (both names are used by the tests)."""
+    return store_uri
