@@ -4,10 +4,10 @@ helpers (plain functions) in tests/helpers/.
 The session fixtures run the real pipeline once (``angioexp synth`` → ``convert``) at a small
 size so that every area tests against the same realistic data.
 
-The suite runs on every core with pytest-xdist (``-n auto --dist loadgroup`` in pyproject.toml).
+The suite runs on every core with pytest-xdist (``-n auto --dist loadfile`` in pyproject.toml).
 Each worker is its own process with its own session fixtures, temp folder (so its own model
 cache and SQLite stores) and ``OMP_NUM_THREADS=1``; browsers and servers take free ports. What
-workers could still share is grouped onto one worker in :func:`pytest_collection_modifyitems`.
+workers could still share is kept on one worker by :func:`pytest_xdist_make_scheduler`.
 """
 
 from __future__ import annotations
@@ -28,18 +28,35 @@ TEST_SIZE = 128  # px; synthetic studies are generated at this size for tests
 TEST_CASES = 18
 
 
-def pytest_collection_modifyitems(config, items):
-    """xdist groups (``--dist loadgroup``): the tests of one module stay on one worker, so its
-    module-scoped fixtures (trained models, datasets) are built once, not once per worker; and
-    the tests marked ``postgres`` share one worker, since they share one PostgreSQL database
-    (Optuna's schema is created on first use, and two creators at once race)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = "postgres" if item.get_closest_marker("postgres") else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+# Test files whose tests share the one PostgreSQL test database (ANGIOEXP_TEST_POSTGRES_URL):
+# Optuna creates its schema there on first use, and two creators at once race. (The MLflow-server
+# test of test_reliability_load.py makes a database of its own.)
+SHARED_POSTGRES_DATABASE = {"tests/test_sweep_run.py", "tests/test_sweep_storage.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, plus one unit for the files in :data:`SHARED_POSTGRES_DATABASE`.
+
+    A test file runs whole on one worker, so its module-scoped fixtures (trained models,
+    datasets) are built once, not once per worker. (Not ``--dist loadgroup`` with
+    ``xdist_group`` marks: with pytest 9.2 and pytest-xdist 3.8.0 the group suffix xdist writes
+    into ``item._nodeid`` is ignored — ``Node.nodeid`` now reads ``_id`` — so every test would be
+    scheduled on its own.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_unit(nodeid)
+
+    return FileScheduling(config, log)
+
+
+def scheduling_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or one unit for the PostgreSQL files."""
+    file = nodeid.split("::", 1)[0]
+    return "postgres-database" if file in SHARED_POSTGRES_DATABASE else file
 
 
 @pytest.fixture(scope="session")
