@@ -17,7 +17,7 @@ from angioexp.evaluate.arcade import main as arcade_main
 from angioexp.evaluate.evaluator import annotations_as_predictions, load_ground_truth
 from angioexp.evaluate.export_arcade import mask_polygons
 
-from arcade_replica import ARCADE_ID, ARCADE_NAMES, make_arcade, truth_json
+from tests.helpers.arcade_replica import ARCADE_ID, ARCADE_NAMES, make_arcade, truth_json
 
 
 def _truth_as_predictions(coco_split: Path, path: Path) -> Path:

@@ -13,7 +13,7 @@ from angioexp.errors import InputError
 from angioexp.evaluate.arcade import arcade_f1_per_image, arcade_mean_f1, polygon_f1, score_submission
 from angioexp.evaluate.evaluator import load_ground_truth
 
-from arcade_replica import rect
+from tests.helpers.arcade_replica import rect
 
 
 def test_polygon_f1_known_values():

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_check import chromium_path, render
-from tracking_store import _migrated_store, store_uri  # noqa: F401 - fixtures
+from tests.helpers.browser_check import chromium_path, render
 
 from angioexp.dashboard import DashboardOptions, build_dashboards
 from angioexp.dashboard.cli import _names

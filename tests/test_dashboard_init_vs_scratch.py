@@ -10,8 +10,6 @@ import html as html_lib
 
 import pytest
 
-from tracking_store import _migrated_store, store_uri  # noqa: F401 - fixtures
-
 from angioexp.dashboard import DashboardOptions, build_dashboards
 from angioexp.dashboard.init_vs_scratch import find_pairs, stage2_runs
 

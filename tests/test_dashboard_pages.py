@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from browser_check import chromium_path, plot_area_not_blank, render
-from sweep_helpers import write_space
+from tests.helpers.browser_check import chromium_path, plot_area_not_blank, render
+from tests.helpers.sweep_space import write_space
+from tests.helpers.tracking_store import copy_of_migrated_store
 
 pytestmark = pytest.mark.slow
 
@@ -85,14 +86,14 @@ def _train(stage: int, coco: Path, root: Path, extra: list[str], name: str) -> s
 
 
 @pytest.fixture(scope="session")
-def dash_store(coco_stage1, coco_stage2, tmp_path_factory) -> Store:
+def dash_store(coco_stage1, coco_stage2, tmp_path_factory, _migrated_store) -> Store:
     import mlflow
     import optuna
 
     from angioexp.sweep.cli import main as sweep_main
 
     root = tmp_path_factory.mktemp("dash-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_of_migrated_store(_migrated_store, root)
     storage = f"sqlite:///{root / 'optuna.db'}"
     with pytest.MonkeyPatch.context() as mp:  # session-wide env must not leak into other modules
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -500,7 +501,7 @@ def test_sweep_trial_runs_can_be_chosen_by_experiment(dash_store, tmp_path):
 
 def test_dashboards_read_through_an_mlflow_server_too(dash_store, built, tmp_path):
     """Any tracking URI: the same pages from a real `mlflow server` on 127.0.0.1 over REST."""
-    from tracking_store import mlflow_server
+    from tests.helpers.tracking_store import mlflow_server
 
     with mlflow_server(dash_store.uri) as base:
         result = _build(dash_store, tmp_path / "dash", tracking_uri=base, log_to_mlflow=False, max_versions=1)

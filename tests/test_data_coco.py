@@ -14,7 +14,7 @@ from angioexp.data.coco import CocoSplit
 from angioexp.data.convert import convert
 from angioexp.data.index import read_index
 from angioexp.errors import InputError
-from test_data_study import write_study
+from tests.helpers.study import write_study
 
 
 @pytest.fixture(scope="module")

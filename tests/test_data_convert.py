@@ -16,7 +16,7 @@ from skimage.measure import label as sk_label
 from angioexp.data.convert import MIN_COMPONENT_AREA, convert, encode_png_gray8, to_uint8
 from angioexp.data.index import read_index
 from angioexp.errors import InputError
-from test_data_study import write_study
+from tests.helpers.study import write_study
 
 
 @pytest.fixture(scope="module")

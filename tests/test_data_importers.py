@@ -16,7 +16,7 @@ from angioexp.data.index import read_index
 from angioexp.data.importers.arcade import ARCADE_CATEGORIES
 from angioexp.segments import BY_SYNTAX
 
-from arcade_replica import ARCADE_NAMES, SIZE, make_arcade, outline, rect, truth_json
+from tests.helpers.arcade_replica import ARCADE_NAMES, SIZE, make_arcade, outline, rect, truth_json
 
 def test_arcade_category_list_is_the_official_one():
     assert [name for _, name in ARCADE_CATEGORIES] == ARCADE_NAMES

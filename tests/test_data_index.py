@@ -13,7 +13,7 @@ import pytest
 from angioexp.cli import main
 from angioexp.data.index import read_index
 from angioexp.errors import InputError
-from test_data_study import write_study
+from tests.helpers.study import write_study
 
 
 def _rows(csv_path: Path) -> list[dict]:

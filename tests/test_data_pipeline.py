@@ -15,7 +15,7 @@ from angioexp.cli import main
 from angioexp.config import DataConfig
 from angioexp.errors import ConfigError, InputError
 from angioexp.data.prepare import prepare
-from test_data_study import write_study
+from tests.helpers.study import write_study
 
 
 def _refuse(*args, **kwargs):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from angioexp.data.convert import convert, encode_png_gray8
 from angioexp.data.register import dataset_digest, dataset_profile, log_coco_inputs, register, split_manifest
-from test_data_study import write_study
+from tests.helpers.study import write_study
 
 
 @pytest.fixture(scope="module")

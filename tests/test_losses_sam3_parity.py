@@ -1,6 +1,6 @@
 """Each of our loss terms and matchers equals SAM3's on the same random tensors.
 
-Runs where the ``sam3`` package imports (``/work/venv-sam3/bin/python -m pytest -m sam3``);
+Runs where the ``sam3`` package imports (the SAM3 suite: README, quick start);
 skips with the reason elsewhere. SAM3's focal losses default to a Triton kernel; on CPU they are
 called with ``triton=False`` (patched into its module), as docs/design.md#loss-terms notes.
 """
@@ -12,11 +12,11 @@ import functools
 import pytest
 import torch
 
-sam3_loss_fns = pytest.importorskip(
-    "sam3.train.loss.loss_fns", reason="sam3 is not installed here; run with /work/venv-sam3/bin/python -m pytest -m sam3"
-)
-sam3_matcher = pytest.importorskip("sam3.train.matcher", reason="sam3 is not installed here")
-sam3_wrapper = pytest.importorskip("sam3.train.loss.sam3_loss", reason="sam3 is not installed here")
+from tests.helpers.skips import SAM3_MISSING
+
+sam3_loss_fns = pytest.importorskip("sam3.train.loss.loss_fns", reason=SAM3_MISSING)
+sam3_matcher = pytest.importorskip("sam3.train.matcher", reason=SAM3_MISSING)
+sam3_wrapper = pytest.importorskip("sam3.train.loss.sam3_loss", reason=SAM3_MISSING)
 
 from angioexp.config import load_config  # noqa: E402
 from angioexp.losses import (  # noqa: E402

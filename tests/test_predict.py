@@ -17,7 +17,7 @@ from angioexp.errors import InputError
 from angioexp.predict import predict
 from angioexp.predict.outputs import centreline_px
 from angioexp.train.inference import predict_split
-from test_core_fixtures import make_vessel_coco
+from tests.helpers.vessel_coco import make_vessel_coco
 
 BASE = ["--set", "scratch.resolution=64", "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0",
         "--set", "train.eval_every=100", "--set", "train.log_every=1"]
@@ -242,7 +242,7 @@ def test_overlay_png_and_animated_png_are_lossless():
 
 
 def test_stage2_model_labels_only_the_prompted_segments(tmp_path):
-    from test_core_fixtures import STAGE2_LABELS
+    from tests.helpers.vessel_coco import STAGE2_LABELS
 
     coco = make_vessel_coco(tmp_path / "coco", stage=2, size=64, n_train=4, n_val=2, seed=2)
     assert main(["train", "--stage", "2", "--no-tracking", "--init-from", "none", "--coco-dir", str(coco),

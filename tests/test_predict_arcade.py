@@ -14,7 +14,7 @@ from angioexp.data.importers.arcade import ARCADE_CATEGORIES
 from angioexp.evaluate.arcade import score_submission
 from angioexp.evaluate.export_arcade import export_arcade
 from angioexp.segments import BY_LABEL
-from test_core_fixtures import make_vessel_coco
+from tests.helpers.vessel_coco import make_vessel_coco
 
 BASE = ["--set", "scratch.resolution=64", "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0",
         "--set", "train.eval_every=100", "--set", "train.log_every=1"]

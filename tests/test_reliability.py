@@ -21,9 +21,7 @@ from angioexp.checkpoints import read_checkpoint
 from angioexp.cli import main
 from angioexp.errors import InputError
 from angioexp.fileio import refuse_output_over_inputs
-from test_core_fixtures import make_vessel_coco
-
-pytest_plugins = ("tracking_store",)  # store_uri: a fast, real per-test SQLite MLflow store
+from tests.helpers.vessel_coco import make_vessel_coco
 
 BASE = ["--set", "scratch.resolution=64", "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0",
         "--set", "train.eval_every=100", "--set", "train.log_every=1", "--set", "data.max_val_images=2",
@@ -142,7 +140,7 @@ def test_a_new_run_may_not_take_another_runs_folder(store_uri, coco, tmp_path, c
 
 
 def test_a_new_sweep_may_not_take_an_earlier_studys_trial_folders(coco, tmp_path, capsys):
-    from sweep_helpers import write_space
+    from tests.helpers.sweep_space import write_space
 
     space = write_space(tmp_path / "s.yaml", """
         study: again

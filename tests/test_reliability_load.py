@@ -26,10 +26,8 @@ import torch
 from angioexp.checkpoints import read_checkpoint
 from angioexp.cli import main
 from angioexp.errors import OutputError
-from sweep_helpers import write_space
-from test_core_fixtures import make_vessel_coco
-
-pytest_plugins = ("tracking_store",)  # store_uri: a fast, real per-test SQLite MLflow store
+from tests.helpers.sweep_space import write_space
+from tests.helpers.vessel_coco import make_vessel_coco
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -214,7 +212,7 @@ def test_concurrent_runs_and_a_sweep_on_the_default_sqlite_store(coco, tmp_path)
 @pytest.mark.postgres
 @pytest.mark.skipif(not PG_URL, reason="ANGIOEXP_TEST_POSTGRES_URL not set (CI starts a PostgreSQL server; see .ci/run)")
 def test_concurrent_runs_and_a_sweep_on_a_tracking_server_over_postgresql(coco, tmp_path):
-    from tracking_store import mlflow_server
+    from tests.helpers.tracking_store import mlflow_server
 
     from angioexp.sweep.storage import _with_available_driver  # SQLAlchemy 2.1 defaults to psycopg 3
 

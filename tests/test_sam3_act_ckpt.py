@@ -15,7 +15,9 @@ from unittest import mock
 
 import pytest
 
-pytest.importorskip("sam3", reason="needs the sam3 package (run with /work/venv-sam3/bin/python -m pytest -m sam3)")
+from tests.helpers.skips import SAM3_MISSING
+
+pytest.importorskip("sam3", reason=SAM3_MISSING)
 import torch  # noqa: E402
 import torch.utils.checkpoint as torch_checkpoint  # noqa: E402
 from sam3.model import text_encoder_ve  # noqa: E402

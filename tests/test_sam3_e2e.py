@@ -14,7 +14,9 @@ import shutil
 
 import pytest
 
-pytest.importorskip("sam3", reason="needs the sam3 package (run with /work/venv-sam3/bin/python -m pytest -m sam3)")
+from tests.helpers.skips import SAM3_MISSING
+
+pytest.importorskip("sam3", reason=SAM3_MISSING)
 
 from angioexp.backends.sam3.gpu_check import make_tiny_coco  # noqa: E402
 from angioexp.config import load_config  # noqa: E402

@@ -15,7 +15,9 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("sam3", reason="needs the sam3 package (run with /work/venv-sam3/bin/python -m pytest -m sam3)")
+from tests.helpers.skips import SAM3_MISSING
+
+pytest.importorskip("sam3", reason=SAM3_MISSING)
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
@@ -164,7 +166,7 @@ def _two_prompt_batch():
 
 
 def test_gradients_reach_the_semantic_head():
-    from test_sam3_act_ckpt import _tiny_sam3_model
+    from tests.test_sam3_act_ckpt import _tiny_sam3_model
 
     from angioexp.backends.sam3.cpu import cpu_shims
 
@@ -279,8 +281,8 @@ def test_short_training_run_logs_finite_identity_terms(segment_coco, tmp_path):
     GuardedTrainer's step (SAM3's Trainer._step logs every loss term)."""
     from sam3.train.optim.optimizer import Optimizer
     from sam3.train.utils.train_utils import AverageMeter
-    from test_sam3_act_ckpt import _tiny_sam3_model
-    from test_sam3_trainer import make_trainer
+    from tests.test_sam3_act_ckpt import _tiny_sam3_model
+    from tests.test_sam3_trainer import make_trainer
 
     from angioexp.backends.sam3.cpu import cpu_shims
     from angioexp.backends.sam3.writer import map_key

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-pytest.importorskip("sam3", reason="needs the sam3 package (run with .venv-sam3/bin/python -m pytest -m sam3)")
+from tests.helpers.skips import SAM3_MISSING
+
+pytest.importorskip("sam3", reason=SAM3_MISSING)
 
 from angioexp.backends.sam3.gpu_check import make_tiny_coco  # noqa: E402
 from angioexp.predict import predict  # noqa: E402

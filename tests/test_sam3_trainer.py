@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("sam3", reason="needs the sam3 package (run with /work/venv-sam3/bin/python -m pytest -m sam3)")
+from tests.helpers.skips import SAM3_MISSING
+
+pytest.importorskip("sam3", reason=SAM3_MISSING)
 import torch  # noqa: E402
 from sam3.train.optim.optimizer import GradientClipper, Optimizer  # noqa: E402
 from sam3.train.trainer import Trainer  # noqa: E402

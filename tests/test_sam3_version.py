@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sam3", reason="needs the sam3 package (run with /work/venv-sam3/bin/python -m pytest -m sam3)")
+from tests.helpers.skips import SAM3_MISSING
+
+pytest.importorskip("sam3", reason=SAM3_MISSING)
 
 import angioexp.backends.sam3 as backend  # noqa: E402
 from angioexp.config import load_config  # noqa: E402

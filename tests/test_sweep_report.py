@@ -15,7 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from browser_check import chromium_path, plot_area_not_blank, render
+from tests.helpers.browser_check import chromium_path, plot_area_not_blank, render
 
 from angioexp.cli import main as angioexp_main
 from angioexp.sweep.report import RESCUED, build_report, report_figures

@@ -19,8 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweep_helpers import write_space
-from tracking_store import _migrated_store, store_uri  # noqa: F401 - fixtures
+from tests.helpers.sweep_space import write_space
 
 from angioexp.config import load_config
 from angioexp.sweep.cli import main

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ("tracking_store",)  # store_uri: a fast, real per-test SQLite MLflow store
-
 mlflow = pytest.importorskip("mlflow")
 
 

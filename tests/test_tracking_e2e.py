@@ -16,7 +16,7 @@ mlflow = pytest.importorskip("mlflow")
 torch = pytest.importorskip("torch")
 
 from angioexp.config import load_config  # noqa: E402
-from tracking_store import mlflow_server  # noqa: E402
+from tests.helpers.tracking_store import copy_of_migrated_store, mlflow_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,11 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def two_stages(coco_stage1, coco_stage2, tmp_path_factory):
+def two_stages(coco_stage1, coco_stage2, tmp_path_factory, _migrated_store):
     from angioexp.tracking.session import tracked_train
 
     root = tmp_path_factory.mktemp("e2e")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = copy_of_migrated_store(_migrated_store, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("ANGIOEXP_ARTIFACT_ROOT", str(root / "mlartifacts"))

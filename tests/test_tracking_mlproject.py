@@ -78,7 +78,9 @@ def test_mlflow_run_train_logs_into_the_run_mlflow_created(coco_stage1, tmp_path
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
     client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("angioexp-stage1").experiment_id])
+    experiment = client.get_experiment_by_name("angioexp-stage1")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # `mlflow run` made it; angioexp tagged it
+    (run,) = client.search_runs([experiment.experiment_id])
     tags = run.data.tags
     assert tags["mlflow.project.entryPoint"] == "train"  # created by `mlflow run` …
     assert tags["stage"] == "1" and tags["backend"] == "core"  # … and logged into by angioexp

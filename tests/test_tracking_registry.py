@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-pytest_plugins = ("tracking_store",)  # store_uri: a fast, real per-test SQLite MLflow store
-
 mlflow = pytest.importorskip("mlflow")
 
 torch = pytest.importorskip("torch")

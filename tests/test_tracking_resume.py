@@ -11,8 +11,6 @@ import textwrap
 
 import pytest
 
-pytest_plugins = ("tracking_store",)  # store_uri: a fast, real per-test SQLite MLflow store
-
 mlflow = pytest.importorskip("mlflow")
 
 

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ("tracking_store",)  # store_uri: a fast, real per-test SQLite MLflow store
-
 mlflow = pytest.importorskip("mlflow")
 
 
 from angioexp.errors import InputError  # noqa: E402
-from angioexp.tracking.uri import check_tracking_server, ensure_experiment, tracking_uri  # noqa: E402
+from angioexp.tracking.uri import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, check_tracking_server, ensure_experiment, tracking_uri  # noqa: E402
 
 
 def _closed_port() -> int:
@@ -59,3 +57,14 @@ def test_experiment_gets_artifact_root_and_deleted_one_is_refused(store_uri, tmp
         ensure_experiment("angioexp-stage1")
     assert info.value.key == "tracking.experiment"
     assert Path(tmp_path / "mlflow.db").is_file()
+
+
+def test_experiments_are_tagged_as_model_training_also_when_they_exist_already(store_uri):
+    client = mlflow.MlflowClient()
+    created = client.get_experiment(ensure_experiment("angioexp-stage1"))
+    assert created.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    # an experiment made elsewhere (an older angioexp, `mlflow run --experiment-name`) gets the tag
+    older = client.create_experiment("angioexp-stage2")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    assert ensure_experiment("angioexp-stage2") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND

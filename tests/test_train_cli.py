@@ -6,7 +6,7 @@ import pytest
 
 from angioexp.checkpoints import read_checkpoint
 from angioexp.cli import main
-from test_core_fixtures import make_vessel_coco
+from tests.helpers.vessel_coco import make_vessel_coco
 
 BASE = ["--set", "scratch.resolution=64", "--set", "scratch.train_batch_size=2", "--set", "eval.overlays=0",
         "--set", "train.eval_every=100", "--set", "train.log_every=1"]

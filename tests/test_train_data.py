@@ -9,7 +9,7 @@ import torch
 from angioexp.config import load_config
 from angioexp.errors import ConfigError
 from angioexp.train.data import EvalSet, TrainingSet
-from test_core_fixtures import STAGE2_LABELS, make_vessel_coco
+from tests.helpers.vessel_coco import STAGE2_LABELS, make_vessel_coco
 
 
 @pytest.fixture(scope="module")

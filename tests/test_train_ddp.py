@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_core_fixtures import make_vessel_coco
+from tests.helpers.vessel_coco import make_vessel_coco
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from angioexp.config import load_config
 from angioexp.train.inference import evaluate_split, predict_split
 from angioexp.train.loop import train
-from test_core_fixtures import STAGE2_LABELS, make_vessel_coco
+from tests.helpers.vessel_coco import STAGE2_LABELS, make_vessel_coco
 
 
 @pytest.fixture(scope="module")

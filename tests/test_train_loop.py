@@ -14,7 +14,7 @@ from angioexp.errors import CheckpointLoadError, ConfigError, InputError, Traini
 from angioexp.losses import build_criterion
 from angioexp.train.callbacks import Callback
 from angioexp.train.loop import train
-from test_core_fixtures import make_vessel_coco
+from tests.helpers.vessel_coco import make_vessel_coco
 
 
 @pytest.fixture(scope="module")

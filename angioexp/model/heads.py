@@ -39,7 +39,7 @@ class Heads(nn.Module):
     Boxes (``mask_guided_boxes``): the extent of the query's own full-resolution mask, refined
     by the box MLP in logit space (its last layer starts at zero, so a box starts as its mask's
     extent). A box regressed from stride-16 tokens alone misses a 2-px-wide segment by more
-    than its width (measured: Stage 2 box GIoU loss stuck at 0.98), and IABCEMdetr's scores are
+    than its width (docs/decisions.md#mask-guided-boxes-scratchmask_guided_boxes), and IABCEMdetr's scores are
     trained towards box IoU — so bad boxes meant scores below 0.5 for good masks.
 
     Region term (``region_masks``): every mask (instance and semantic) is a factorised sum
@@ -51,7 +51,7 @@ class Heads(nn.Module):
     global self-attention). A Stage 2 segment is a thin piece of one tree: *whether* a pixel is
     vessel is a local question the full-resolution embedding answers well (Stage 1), *which*
     segment it belongs to is a global one that a 16-dim per-pixel embedding encodes poorly
-    (measured: best-query Dice 0.18 on 256² frames after 300 steps without it). In logit space
+    (docs/decisions.md#the-region-term-modelregion_masks). In logit space
     the sum acts as a soft AND when the fine term is asymmetric (vessel ≈ +a, background ≪ −a):
     the region term, bounded by it, switches vessels on or off by location. Its projections
     start at zero, so a model starts (and a Stage 1 checkpoint continues) as the fine term alone.
@@ -79,7 +79,7 @@ class Heads(nn.Module):
         self.semantic_bias = nn.Parameter(torch.zeros(1))
         # Start at a prior of ≈ 0.12: low enough that the 1-of-Q matched query stands out, high
         # enough for IABCEMdetr's IoU-aware target p^α·IoU^(1−α), which bootstraps from p, to rise
-        # quickly (DETR's 0.01 prior measurably slowed the first tens of steps here).
+        # quickly (DETR's 0.01 prior was slower: docs/decisions.md#class-prior--012).
         nn.init.constant_(self.class_embed.bias, -2.0)
 
     def region(self, embed: torch.Tensor, memory: torch.Tensor, memory_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
@@ -159,7 +159,7 @@ def per_image_dot(embed: torch.Tensor, pixel_embed: torch.Tensor, img_idx: torch
     Find queries are grouped by image (one matmul per image) instead of gathering
     ``pixel_embed[img_idx]``, which would copy a full-resolution (B, M, H, W) tensor; and the
     images are taken apart with one ``unbind`` — indexing them one by one costs a full-size
-    zero-filled gradient per image in the backward pass (measured: 13 % of a training step).
+    zero-filled gradient per image in the backward pass (docs/decisions.md#one-matmul-per-image-in-per_image_dot).
     """
     b, k, m = embed.shape
     h, w = pixel_embed.shape[-2:]

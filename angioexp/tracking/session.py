@@ -31,7 +31,7 @@ from angioexp.checkpoints import config_from_dict
 from angioexp.errors import AngioexpError, CheckpointLoadError, InputError, TrainingDiverged
 from angioexp.fileio import refuse_output_over_inputs
 from angioexp.tracking.callback import OUT_DIR_TAG, MlflowCallback, log_load_report
-from angioexp.tracking.uri import check_tracking_server, configure_mlflow, ensure_experiment
+from angioexp.tracking.uri import check_tracking_server, configure_mlflow, ensure_experiment, tag_experiment_kind
 from angioexp.train.runlock import claim_new_folder, refuse_foreign_run_folder, run_lock
 from angioexp.train.signals import Terminated
 
@@ -173,6 +173,7 @@ def _tracked_train(cfg, args, extra_callbacks, held: contextlib.ExitStack):
     elif env_run_id:
         run_id = env_run_id
         experiment_id = client.get_run(env_run_id).info.experiment_id
+        tag_experiment_kind(client, experiment_id)  # `mlflow run` created it without angioexp's tag
         expected = experiment_name(cfg)
         actual = client.get_experiment(experiment_id).name
         if actual != expected:

@@ -140,8 +140,23 @@ def check_tracking_server(uri: str | None = None, timeout: float = CONNECT_TIMEO
         )
 
 
+# MLflow's UI opens experiments with this tag as model-training experiments (runs, metrics,
+# models) rather than GenAI/trace views; every experiment angioexp creates or logs into gets it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def tag_experiment_kind(client, experiment) -> None:
+    """Give ``experiment`` (an Experiment or its id) the model-training kind tag if it lacks it."""
+    if isinstance(experiment, str):
+        experiment = client.get_experiment(experiment)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
 def ensure_experiment(name: str, client=None) -> str:
-    """Id of experiment ``name``, creating it (artifacts under :func:`artifact_root`) if needed.
+    """Id of experiment ``name``, creating it (artifacts under :func:`artifact_root`) if needed,
+    tagged as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`, also on an older one).
 
     Safe against a concurrent creator (sweep workers): a lost race re-reads the winner's id.
     A deleted experiment of that name is an error (MLflow would refuse to log into it).
@@ -156,7 +171,7 @@ def ensure_experiment(name: str, client=None) -> str:
         if _is_local(client.tracking_uri) or os.environ.get("ANGIOEXP_ARTIFACT_ROOT"):
             location = (artifact_root() / name).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             # another process created it between our lookup and create
             experiment = client.get_experiment_by_name(name)
@@ -168,4 +183,5 @@ def ensure_experiment(name: str, client=None) -> str:
             f"--experiment-id {experiment.experiment_id}) or choose another tracking.experiment",
             key="tracking.experiment",
         )
+    tag_experiment_kind(client, experiment)
     return experiment.experiment_id

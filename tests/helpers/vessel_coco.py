@@ -1,5 +1,5 @@
-"""Tiny vessel-tree COCO datasets for the core model / training tests (no tests here; imported by
-the test_core_* and test_train_* modules). Independent of the synthetic generator, so these tests
+"""Tiny vessel-tree COCO datasets for the core model / training tests (imported by the
+test_core_*, test_train_*, test_predict and test_reliability* modules). Independent of the synthetic generator, so these tests
 run in a second whatever the rest of the pipeline is doing.
 
 Trees are random walks with branches, drawn dark on a noisy bright background like an

@@ -1,0 +1,1 @@
+"""Shared test helpers: synthetic inputs, a headless browser, MLflow stores and servers."""
