@@ -81,7 +81,7 @@ def load_model(uri: str, device: str = "cpu", *, check=None):
 
         if not sam3_available():
             raise InputError("is a SAM3 model: install the sam3 extra first (pip install 'angioexp[sam3]', "
-                             "see README 'SAM3 backend')", file=text)
+                             "see docs/sam3.md)", file=text)
     if check is not None and cfg is not None:
         check(cfg)
     load, _ = _backend_runner(backend)
