@@ -100,15 +100,28 @@ def _train_stage2(cfg, coco: Path, init: Path | None, snapshots: MarkSnapshots, 
         return train(cfg, coco_dir=coco, init_checkpoint=init, callbacks=[snapshots]), None
     import json
 
+    from angioexp.dashboard.init_vs_scratch import BENCH_EXPERIMENT
     from angioexp.tracking.resume import RUN_FILE
     from angioexp.tracking.session import tracked_train
-
-    from angioexp.dashboard.init_vs_scratch import BENCH_EXPERIMENT
 
     cfg.tracking.experiment, cfg.tracking.register = BENCH_EXPERIMENT, False
     cfg.init_from = str(init) if init is not None else None
     result = tracked_train(cfg, extra_callbacks=[snapshots])
     return result, json.loads((result.out_dir / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+
+
+def _log_test_scores(run_id: str, metrics: dict[str, float], step: int) -> None:
+    """The test split's Stage 2 scores (evaluate_split names them val/…) as ``test/segments/*``
+    on the tracked run, beside its own validation evaluations."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from angioexp.tracking.uri import configure_mlflow
+
+    now = int(time.time() * 1000)
+    MlflowClient(configure_mlflow()).log_batch(run_id, metrics=[
+        Metric(f"test/segments/{k.removeprefix('val/segments/')}", v, now, step)
+        for k, v in metrics.items() if k.startswith("val/segments/") and math.isfinite(v)])
 
 
 def _measure(root: Path, quick: bool, track: bool = False) -> list[Figure]:
@@ -142,15 +155,8 @@ def _measure(root: Path, quick: bool, track: bool = False) -> list[Figure]:
                 row[f"{mark:g}"] = metrics["val/segments/dice_common"]
             metrics, gt = _score(result.best_checkpoint or result.checkpoint, coco, root / f"eval_{arm}_{seed}_end", gt)
             row["end"] = metrics["val/segments/dice_common"]
-            if run_id is not None:  # the test-split score beside the run's own val evaluations
-                from mlflow import MlflowClient
-                from mlflow.entities import Metric
-
-                from angioexp.tracking.uri import configure_mlflow
-
-                MlflowClient(configure_mlflow()).log_batch(run_id, metrics=[
-                    Metric(f"test/segments/{k.removeprefix('val/segments/')}", v, int(time.time() * 1000), result.steps)
-                    for k, v in metrics.items() if k.startswith("val/segments/") and math.isfinite(v)])
+            if run_id is not None:
+                _log_test_scores(run_id, metrics, result.steps)
             reference = {k: metrics[f"val/segments/{k}"] for k in ("floor_common", "ceiling_common", "n_frames", "n_common")}
             scores[arm, seed] = row
             log.info("stage2 bench seed %d %s: %s", seed, arm, row)
