@@ -274,8 +274,9 @@ def test_four_worker_journal_sweep_survives_a_killed_worker_with_exact_trial_cou
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("angioexp-sweeps").experiment_id])
     children = {int(r.data.tags["optuna.trial_number"]): r for r in runs if r.data.tags.get("sweep.role") == "trial"}
-    # (the killed trial may have died before it created its run)
-    assert set(children) >= {t.number for t in trials if t.number != killed}, out
+    # (the killed trial may have died before it created its run; so may a trial that another
+    # worker declared stale under load — neither counts, and each has a retry that does)
+    assert set(children) >= {t.number for t in trials if counts_toward_budget(t)}, out
     if killed in children:
         assert children[killed].info.status == "FAILED"
     assert all(r.info.status != "RUNNING" for r in runs), out

@@ -100,6 +100,61 @@ def test_budget_lock_serialises_workers(tmp_path):
     assert not overlaps
 
 
+def test_journal_write_lock_dies_with_a_killed_holder(tmp_path):
+    """A SIGKILLed worker that held the journal's write lock must not stall the others (Optuna's
+    own lock files wait 30 s, long enough to fail live trials for want of heartbeats)."""
+    import signal
+    import subprocess
+    import sys
+
+    journal = tmp_path / "j.log"
+    handle = open_storage(f"journal:///{journal}", workers=2)
+    optuna.create_study(study_name="s", storage=handle.storage)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from angioexp.sweep.storage import FlockJournalLock;"
+        f"FlockJournalLock(Path({str(journal)!r})).acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    t0 = time.monotonic()
+    study = optuna.load_study(study_name="s", storage=handle.storage)
+    study.ask()  # writes to the journal: needs the lock the dead process held
+    assert time.monotonic() - t0 < 5
+
+
+def test_journal_write_lock_excludes_threads_of_one_process(tmp_path):
+    import threading
+
+    from angioexp.sweep.storage import FlockJournalLock
+
+    lock = FlockJournalLock(tmp_path / "j.log")
+    inside, overlaps = [], []
+
+    def worker():
+        for _ in range(20):
+            lock.acquire()
+            try:
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(1)
+                time.sleep(0.002)
+                inside.pop()
+            finally:
+                lock.release()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(not PG_URL, reason="ANGIOEXP_TEST_POSTGRES_URL not set (CI starts a PostgreSQL server; see .ci/run)")
 def test_postgresql_storage_heartbeats_and_lock():

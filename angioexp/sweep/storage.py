@@ -27,7 +27,9 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,7 +39,8 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import BaseJournalFileLock  # not re-exported; the documented lock_obj interface
 from optuna.trial import TrialState
 
 from angioexp.errors import InputError
@@ -139,7 +142,7 @@ def open_storage(
     if journal_path is not None:
         journal_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            backend = JournalFileBackend(str(journal_path), lock_obj=JournalFileOpenLock(str(journal_path)))
+            backend = JournalFileBackend(str(journal_path), lock_obj=FlockJournalLock(journal_path))
             storage = HeartbeatJournalStorage(
                 backend, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 stale_callback=stale_callback,
@@ -221,6 +224,40 @@ def _sqlite_file(url: str) -> Path | None:
     if not path or path == ":memory:":
         return None
     return Path(path).resolve()
+
+
+class FlockJournalLock(BaseJournalFileLock):
+    """The journal file's write lock as a kernel ``flock``: it vanishes with a killed holder.
+
+    Optuna's own file locks (a lock file created with O_EXCL, or a symlink) outlive a SIGKILLed
+    worker; the others then wait ``grace_period`` (30 s) before breaking it, long enough for their
+    own heartbeats to go stale and a live trial to be failed. Each acquire opens its own file
+    description, so two threads of one process exclude each other too.
+    """
+
+    def __init__(self, journal_path: Path):
+        self.path = journal_path.with_name(journal_path.name + ".flock")
+        self._held = threading.local()
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held.fd = fd
+        return True
+
+    def release(self) -> None:
+        fd = getattr(self._held, "fd", None)
+        if fd is None:
+            return
+        self._held.fd = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def _lock_path(path: Path) -> Path:

@@ -105,6 +105,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) ->
         except KeyboardInterrupt:
             _tell(study, trial, TrialState.FAIL, None)
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker saw no heartbeat for too long, failed this trial and re-queued its
+            # parameters; the retry is someone else's now, so this worker just moves on.
+            log.warning("trial %d was declared stale by another worker (no heartbeat for too long); dropped here, retried as a new trial", trial.number)
+            return TrialState.FAIL
         except Exception as exc:  # noqa: BLE001 - a trial that raises fails; the study goes on
             note = f"{type(exc).__name__}: {exc}"
             if "failure" not in trial.user_attrs:  # raised before the objective could classify it
