@@ -237,6 +237,9 @@ class IdentityLossConfig:
 
 @dataclass
 class LossConfig:
+    per_prompt: bool = setting(True, "train SAM3's per-prompt objective (each sampled prompt decoded: instance masks, boxes, "
+                               "presence, its semantic mask); false — core Stage 2 with model.identity_head — trains the "
+                               "identity and view terms alone and decodes no prompt in training")
     boxes: BoxesLossConfig = section(BoxesLossConfig, "box losses")
     iabce: IABCELossConfig = section(IABCELossConfig, "classification and presence (IABCEMdetr)")
     masks: MasksLossConfig = section(MasksLossConfig, "instance-mask losses")
@@ -461,6 +464,10 @@ CONTRADICTIONS: list[Contradiction] = [
                   stored_fix={"scratch.hflip_prob": 0.0}),
     Contradiction("sam3.", "backend", lambda c: c.backend == "core" and _changed_under(c, "sam3.") is not None,
                   "only the sam3 backend reads sam3.*; set backend=sam3 or leave it unset"),
+    Contradiction("loss.per_prompt", "model.identity_head",
+                  lambda c: not c.loss.per_prompt and not (c.backend == "core" and c.model.identity_head),
+                  "without the per-prompt objective only the core identity head would learn anything; "
+                  "set loss.per_prompt=true, or model.identity_head=true with backend=core"),
     Contradiction("prompts.use_text", "stage",
                   lambda c: (c.stage == 2 and c.backend == "core" and not c.prompts.use_text
                              and c.prompts.num_points[1] == 0 and c.prompts.box_chance == 0),

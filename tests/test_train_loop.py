@@ -303,6 +303,34 @@ def test_stage2_starts_from_stage1_weights_with_a_load_report(tmp_path, coco1, c
     assert "val/dice_mean_segments" in result.final_metrics
 
 
+def test_stage2_without_the_per_prompt_objective_trains_only_the_identity_path(tmp_path, coco2):
+    """loss.per_prompt=false: no prompt is decoded in training, so the query decoder gets no
+    gradient, the step's losses are the identity and view terms, and evaluation still scores
+    segments through the identity head."""
+    from angioexp.model.build import build_model
+
+    cfg = _cfg(tmp_path, "loss.per_prompt=false", "nan_guard.max_loss_ratio=null", stage=2, steps=3)
+    rec = Recorder()
+    result = train(cfg, coco_dir=coco2, callbacks=[rec])
+    trained = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["model"]
+    start = build_model(cfg).state_dict()  # same seed → the weights the run started from
+    decoder = [k for k in start if k.startswith("transformer.decoder.")]
+    identity = [k for k in start if k.startswith("transformer.identity.")]
+    assert decoder and identity
+    assert all(torch.equal(start[k], trained[k]) for k in decoder)
+    assert any(not torch.equal(start[k], trained[k]) for k in identity)
+    terms = {k for _, metrics in rec.steps for k in metrics if k.startswith("train/loss_")}
+    assert terms and all("identity" in k or "view" in k for k in terms), terms
+    assert "val/segments/dice_common" in result.final_metrics
+
+
+def test_per_prompt_off_needs_the_identity_head():
+    with pytest.raises(ConfigError, match="loss.per_prompt.*model.identity_head"):
+        load_config(None, ["loss.per_prompt=false", "model.identity_head=false"], stage=2)
+    with pytest.raises(ConfigError, match="loss.per_prompt"):
+        load_config(None, ["loss.per_prompt=false"], stage=1)
+
+
 def test_an_init_checkpoint_that_does_not_fit_fails_before_any_step(tmp_path, coco1):
     other = train(_cfg(tmp_path / "other", "model.d_model=64", steps=1), coco_dir=coco1)
     cfg = _cfg(tmp_path / "new", "min_loaded_fraction=0.9", steps=5)

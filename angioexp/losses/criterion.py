@@ -66,7 +66,7 @@ def _weighted_sum(terms: dict[str, torch.Tensor], weight_dict: dict[str, float])
 
 
 def _find_reference_tensor(outputs: dict) -> torch.Tensor:
-    return outputs["pred_logits"]
+    return outputs["pred_logits"] if "pred_logits" in outputs else outputs["view_logits"]
 
 
 class Sam3Criterion(nn.Module):
@@ -166,7 +166,7 @@ class Sam3Criterion(nn.Module):
         if self.o2m_matcher is None and "pred_logits_o2m" in outputs:
             self._warn_once("o2m", "the model gives *_o2m outputs but o2m.enabled is false; they are not supervised")
 
-        layers = [(outputs, "", False)]
+        layers = [(outputs, "", False)] if self.instance_losses else []  # none: loss.per_prompt=false
         layers += [(aux, f"_aux_{i}", True) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
         losses: dict[str, torch.Tensor] = {}
         total = _find_reference_tensor(outputs).sum() * 0.0
@@ -251,6 +251,8 @@ def build_criterion(cfg) -> Sam3Criterion:
             presence_head=s.presence_head,
             presence_loss=s.presence_loss,
         )
+    if not loss.per_prompt:  # no prompt is decoded in training: only the identity and view terms
+        instance_losses, semantic = [], None
     return Sam3Criterion(
         matcher=build_matcher(cfg),
         instance_losses=instance_losses,

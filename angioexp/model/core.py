@@ -155,7 +155,10 @@ class CoreModel(nn.Module):
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} must be a multiple of {self.stride}")
         pixel_embed, memory, coarse = self.encode_images(images)
-        outputs = self.decode(pixel_embed, memory, coarse, queries)
+        if len(queries):
+            outputs = self.decode(pixel_embed, memory, coarse, queries)
+        else:  # loss.per_prompt=false: no prompt to decode, the identity head below does the work
+            outputs = {"view_logits": self.transformer.view_head(coarse)}
         if queries.class_text_ids is not None and self.has_identity:
             outputs["identity_logits"], outputs["identity_presence"] = self.identify(
                 pixel_embed, memory, coarse, queries.views, queries.class_text_ids)

@@ -372,6 +372,8 @@ class TrainingSet:
         return np.ascontiguousarray(pixels), view, [(c, np.ascontiguousarray(m)) for c, m in instances]
 
     def _queries(self, slot: int, instances: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> list[_Query]:
+        if not self.cfg.loss.per_prompt:
+            return []
         pc = self.cfg.prompts
         by_cat: dict[int, list[np.ndarray]] = {}
         for category_id, mask in instances:
