@@ -415,21 +415,20 @@ DEFAULTS: dict[tuple[str | None, int | None], dict[str, Any]] = {
         "init_from": STAGE1_INIT_DEFAULT,  # fine-tune the Stage 1 champion (init_from=none: from scratch)
         "scratch.hflip_prob": 0.0,  # segment names are side-specific: a mirrored tree is not an anatomy
     },
-    # core Stage 2: whole frames at 256 instead of 256² crops of the 512 frame — the same pixels per
-    # step, but a segment's name (proximal / mid / distal, first / second diagonal) is a property of
-    # the whole tree, which a crop cuts away — and the global-context aids of ModelConfig (a Stage 1
-    # checkpoint loads into them; their new tensors are reported as new by design). Measured on the
-    # synthetic benchmark, 200 steps from the Stage 1 checkpoint, 16 val frames, semantic-head mean
-    # per-segment Dice: whole frames + aids 0.28, whole frames 0.24, 256² crops + aids 0.17 (the
-    # former default, 256² crops without aids: 0.23 after 600 steps).
+    # core Stage 2: whole frames at 256 — a segment's name (proximal / mid / distal, first / second
+    # diagonal) is a property of the whole tree, which a crop cuts away — with the global-context
+    # aids of ModelConfig; a Stage 1 checkpoint loads into them, their new tensors reported as new
+    # by design (docs/decisions.md: core Stage 2 on whole frames at 256)
     ("core", 2): {
         "scratch.resolution": 256,
         "scratch.crop_size": None,
         "model.context_layers": 2,
         "model.region_masks": True,
         "model.identity_head": True,
-        # the identity head supervises every segment of a frame each step; the per-prompt
-        # decoder (SAM3's objective, kept as an auxiliary task) needs few queries beside it
+        # the identity head supervises every segment of a frame each step; SAM3's per-prompt
+        # objective beside it cost steps and scored lower at equal steps (docs/decisions.md), so
+        # it is off; turned back on, it decodes one present and one absent prompt per image
+        "loss.per_prompt": False,
         "prompts.positives_per_image": 1,
         "prompts.negatives_per_image": 1,
         "tracking.primary_metric": "val/segments/dice_common",
@@ -764,8 +763,16 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+# Keys added after runs were stored: a stored config without one ran the code of its day, which
+# behaved like this value, whatever today's default is.
+BEFORE_THE_KEY_EXISTED: dict[str, Any] = {"loss.per_prompt": True}
+
+
 def _resolve(explicit: dict[str, tuple[Any, str]], *, stored: bool) -> Config:
     """Field defaults ← DEFAULTS rows of the resolved (backend, stage) ← ``explicit``; validated."""
+    if stored:
+        explicit = {**{key: (value, "stored config (key added later)") for key, value in BEFORE_THE_KEY_EXISTED.items()},
+                    **explicit}
     pick = {key: explicit.get(key, (key_fields()[key].field.default, "default")) for key in ("stage", "backend")}
     stage, backend = (_typed(key, *pick[key]) for key in ("stage", "backend"))
     resolved = {**defaults_for(backend, stage), **explicit}

@@ -59,6 +59,22 @@ def test_shipped_spaces_load_and_cover_the_researchers_values():
     assert pruner._min_resource == nan.build_config().train.max_steps // 2 == 120
     stage2 = load_space(REPO / "sweeps" / "stage2.yaml")
     assert stage2.multi_objective and stage2.sampler.name == "nsga2" and stage2.pruner.name == "none"
+    assert stage2.metrics == ["val/segments/dice_common", "val/segments/arcade_mean_f1"]
+
+
+@pytest.mark.parametrize("per_prompt", [False, True])
+def test_stage2_space_searches_the_per_prompt_objective_with_its_own_weights(per_prompt):
+    import optuna
+
+    space = load_space(REPO / "sweeps" / "stage2.yaml")
+    study = optuna.create_study(directions=space.directions)
+    study.enqueue_trial({"loss.per_prompt": per_prompt})
+    values = space.suggest(study.ask())
+    cfg = space.build_config(values)
+    assert cfg.loss.per_prompt is per_prompt and cfg.model.identity_head
+    # the per-prompt weights are drawn only when the objective they weigh is trained
+    assert ("loss.masks.loss_mask" in values) is per_prompt and ("prompts.positives_per_image" in values) is per_prompt
+    assert "loss.identity.loss_identity_ce" in values
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     # the per-prompt (SAM3) outputs; the identity head's are tested in test_stage2_identity.py
     cfg = load_config(None, ["init_from=none", "scratch.resolution=64", "scratch.train_batch_size=2", "train.max_steps=3",
                              "train.eval_every=100", f"train.out_dir={root / 'run'}", "eval.overlays=2",
-                             "model.identity_head=false"], stage=2)
+                             "model.identity_head=false", "loss.per_prompt=true"], stage=2)
     result = train(cfg, coco_dir=coco)
     return coco, result, cfg
 

@@ -58,7 +58,9 @@ _BASE_METRICS = ("AP", "AP50", "AP75", "AP_tol", "AP75_tol", "dice", "cldice", "
 _PER_SEGMENT = ("AP75", "dice")
 KNOWN_METRICS: tuple[str, ...] = tuple(f"val/{m}" for m in _BASE_METRICS) + tuple(
     f"val/{m}/{s.slug}" for m in _PER_SEGMENT for s in SEGMENTS
-) + ("val/dice_mean_segments", "val/semantic/dice", "val/semantic/cldice", "val/semantic/dice_mean_segments", "train/loss")
+) + ("val/dice_mean_segments", "val/semantic/dice", "val/semantic/cldice", "val/semantic/dice_mean_segments", "train/loss") + tuple(
+    f"val/segments/{m}" for m in ("dice_common", "dice_common_ungated", "dice_all", "arcade_mean_f1")  # Stage 2, docs/stage2.md
+)
 
 
 class SpaceError(InputError):
