@@ -88,7 +88,7 @@ def test_every_image_is_seen_once_per_epoch_and_ranks_split_the_global_batch(coc
 
 
 def test_stage2_queries_present_and_absent_segments(coco2):
-    cfg = _cfg("prompts.positives_per_image=2", "prompts.negatives_per_image=1", stage=2)
+    cfg = _cfg("loss.per_prompt=true", "prompts.positives_per_image=2", "prompts.negatives_per_image=1", stage=2)
     data = TrainingSet(coco2, cfg, num_views=10)
     batch = data.batch(0)
     _check_contract(batch)
@@ -143,6 +143,11 @@ def test_images_are_resized_to_the_working_resolution(coco1):
     data = TrainingSet(coco1, _cfg("scratch.resolution=32"), num_views=10)
     assert data.samples[1].pixels.shape == (32, 32)
     assert all(np.all(np.array(inst.mask.shape) <= 32) for s in data.samples for inst in s.instances)
+
+
+def test_core_stage2_default_builds_no_prompt_queries(coco2):
+    batch = TrainingSet(coco2, _cfg(stage=2), num_views=10).batch(0)  # loss.per_prompt=false
+    assert batch.queries.img_idx.numel() == 0 and batch.category_ids == []
 
 
 def test_stage2_never_flips_because_segment_names_are_side_specific(coco2):
