@@ -76,28 +76,33 @@ def test_storages_that_cannot_work_are_refused_clearly(tmp_path):
     assert redact("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
 
 
-def test_budget_lock_serialises_workers(tmp_path):
+def _threads_overlap(critical_section, rounds: int, pause: float) -> bool:
+    """Three threads enter ``critical_section()`` (a context manager) ``rounds`` times each:
+    did two ever hold it at once? (fcntl locks are per process; each thread opens its own.)"""
     import threading
 
-    handle = open_storage(f"journal:///{tmp_path / 'j.log'}", workers=2)
     inside, overlaps = [], []
 
     def worker():
-        for _ in range(5):
-            with budget_lock(handle, "s"):
+        for _ in range(rounds):
+            with critical_section():
                 inside.append(1)
                 if len(inside) > 1:
                     overlaps.append(1)
-                time.sleep(0.01)
+                time.sleep(pause)
                 inside.pop()
 
-    # fcntl locks are per process; threads of one process each open their own descriptor
     threads = [threading.Thread(target=worker) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not overlaps
+    return bool(overlaps)
+
+
+def test_budget_lock_serialises_workers(tmp_path):
+    handle = open_storage(f"journal:///{tmp_path / 'j.log'}", workers=2)
+    assert not _threads_overlap(lambda: budget_lock(handle, "s"), rounds=5, pause=0.01)
 
 
 def test_journal_write_lock_dies_with_a_killed_holder(tmp_path):
@@ -128,31 +133,21 @@ def test_journal_write_lock_dies_with_a_killed_holder(tmp_path):
 
 
 def test_journal_write_lock_excludes_threads_of_one_process(tmp_path):
-    import threading
+    from contextlib import contextmanager
 
     from angioexp.sweep.storage import FlockJournalLock
 
     lock = FlockJournalLock(tmp_path / "j.log")
-    inside, overlaps = [], []
 
-    def worker():
-        for _ in range(20):
-            lock.acquire()
-            try:
-                inside.append(1)
-                if len(inside) > 1:
-                    overlaps.append(1)
-                time.sleep(0.002)
-                inside.pop()
-            finally:
-                lock.release()
+    @contextmanager
+    def held():
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not overlaps
+    assert not _threads_overlap(held, rounds=20, pause=0.002)
 
 
 @pytest.mark.postgres
