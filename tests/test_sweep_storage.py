@@ -78,7 +78,7 @@ def test_storages_that_cannot_work_are_refused_clearly(tmp_path):
 
 def _threads_overlap(critical_section, rounds: int, pause: float) -> bool:
     """Three threads enter ``critical_section()`` (a context manager) ``rounds`` times each:
-    did two ever hold it at once? (fcntl locks are per process; each thread opens its own.)"""
+    did two ever hold it at once?"""
     import threading
 
     inside, overlaps = [], []
@@ -102,6 +102,7 @@ def _threads_overlap(critical_section, rounds: int, pause: float) -> bool:
 
 def test_budget_lock_serialises_workers(tmp_path):
     handle = open_storage(f"journal:///{tmp_path / 'j.log'}", workers=2)
+    # fcntl locks are per process; each budget_lock call opens its own descriptor, so threads exclude too
     assert not _threads_overlap(lambda: budget_lock(handle, "s"), rounds=5, pause=0.01)
 
 
