@@ -288,6 +288,7 @@ class ModelConfig:
     context_layers: int = setting(0, "global self-attention layers over stride-16 tokens, fed back to the pixel decoder", ge=0)
     region_masks: bool = setting(False, "mask logits += a coarse prompt-conditioned region map")
     identity_head: bool = setting(False, "Stage 2: one per-pixel softmax over background + every segment prompt")
+    identity_levels: int = setting(0, "identity head: pixel-decoder maps (strides 8, 4, …) that refine its coarse region map", ge=0)
 
 
 @dataclass
@@ -425,6 +426,7 @@ DEFAULTS: dict[tuple[str | None, int | None], dict[str, Any]] = {
         "model.context_layers": 2,
         "model.region_masks": True,
         "model.identity_head": True,
+        "model.identity_levels": 2,  # region map refined at strides 8 and 4 (docs/decisions.md)
         # the identity head supervises every segment of a frame each step; SAM3's per-prompt
         # objective beside it cost steps and scored lower at equal steps (docs/decisions.md), so
         # it is off; turned back on, it decodes one present and one absent prompt per image
@@ -467,6 +469,10 @@ CONTRADICTIONS: list[Contradiction] = [
                   lambda c: not c.loss.per_prompt and not (c.backend == "core" and c.model.identity_head),
                   "without the per-prompt objective only the core identity head would learn anything; "
                   "set loss.per_prompt=true, or model.identity_head=true with backend=core"),
+    Contradiction("model.identity_levels", "model.encoder_channels",
+                  lambda c: c.model.identity_levels > len(c.model.encoder_channels),
+                  "the pixel decoder has one top-down map per entry of model.encoder_channels; "
+                  "ask for at most that many identity levels"),
     Contradiction("prompts.use_text", "stage",
                   lambda c: (c.stage == 2 and c.backend == "core" and not c.prompts.use_text
                              and c.prompts.num_points[1] == 0 and c.prompts.box_chance == 0),
@@ -765,7 +771,7 @@ def parse_override(text: str) -> tuple[str, str]:
 
 # Keys added after runs were stored: a stored config without one ran the code of its day, which
 # behaved like this value, whatever today's default is.
-BEFORE_THE_KEY_EXISTED: dict[str, Any] = {"loss.per_prompt": True}
+BEFORE_THE_KEY_EXISTED: dict[str, Any] = {"loss.per_prompt": True, "model.identity_levels": 0}
 
 
 def _resolve(explicit: dict[str, tuple[Any, str]], *, stored: bool) -> Config:

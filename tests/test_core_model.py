@@ -210,7 +210,7 @@ def test_region_masks_start_as_the_fine_term_and_learn_from_the_first_step():
     queries = _queries((1, 2))
     out = model(images, queries)
     assert out["pred_masks"].shape == (3, 3, 64, 48)
-    _, memory, _ = model.encode_images(images)  # memory (2, 4*3, D): stride 16
+    _, memory, _, _ = model.encode_images(images)  # memory (2, 4*3, D): stride 16
     region = heads.region(heads.region_embed(torch.randn(3, 3, cfg.model.d_model)), memory[queries.img_idx], (64 // 16, 48 // 16), (64, 48))
     assert torch.count_nonzero(region) == 0  # zero-initialised output layer
     loss = out["pred_masks"].sigmoid().mean() + out["semantic_seg"].sigmoid().mean()

@@ -35,6 +35,25 @@ def test_identity_head_shapes_and_prompt_subsets():
     assert head.background.grad is not None and head.fine.layers[0].weight.grad is not None
 
 
+def test_identity_levels_start_at_zero_then_name_pixels_finer_than_a_region_cell():
+    """Two decoder levels (strides 8, 4 of a 32×48 image: 4×6 and 8×12 maps): their projections
+    start at zero, so at first the maps change nothing; every level gets a gradient."""
+    torch.manual_seed(0)
+    head = SegmentIdentityHead(d_model=32, mask_dim=8, num_views=5, level_channels=(24, 12))
+    pixel_embed, memory, views, prompts = torch.randn(2, 8, 32, 48), torch.randn(2, 2 * 3, 32), torch.tensor([0, 5]), torch.randn(4, 32)
+    levels = [torch.randn(2, 24, 4, 6), torch.randn(2, 12, 8, 12)]
+    logits, presence = head(pixel_embed, memory, (2, 3), views, prompts, levels)
+    assert logits.shape == (2, 5, 32, 48) and presence.shape == (2, 4)
+    assert torch.equal(logits, head(pixel_embed, memory, (2, 3), views, prompts, [torch.zeros_like(m) for m in levels])[0])
+    logits.square().sum().backward()
+    assert all(level.layers[-1].weight.grad.abs().sum() > 0 for level in head.levels)
+    with pytest.raises(ValueError, match="built for 2 decoder levels, got 1"):
+        head(pixel_embed, memory, (2, 3), views, prompts, levels[:1])
+    # one level per pixel-decoder map at most, refused at load time naming both keys
+    with pytest.raises(InputError, match="model.identity_levels.*model.encoder_channels"):
+        load_config(None, ["model.identity_levels=5"], stage=2)
+
+
 def test_core_model_gives_identity_outputs_for_the_category_prompts():
     cfg = load_config(None, ["train.device=cpu"], stage=2)
     assert cfg.model.identity_head  # the core Stage 2 default

@@ -34,6 +34,7 @@ def build_model(cfg) -> CoreModel:
             context_layers=m.context_layers,
             region_masks=m.region_masks,
             identity_head=m.identity_head,
+            identity_levels=m.identity_levels,
         )
     # channels-last lets oneDNN run the small convolutions ~2× faster on CPU (measured).
     return model.to(memory_format=torch.channels_last)

@@ -56,7 +56,7 @@ class Transformer(nn.Module):
 
     def __init__(self, encoder: ImageEncoder, d_model: int, num_heads: int, num_layers: int, num_queries: int, mask_dim: int, num_views: int,
                  mask_guided_boxes: bool = True, context_layers: int = 0, region_masks: bool = False,
-                 identity_head: bool = False):
+                 identity_head: bool = False, identity_levels: int = 0):
         super().__init__()
         self.pixel_decoder = PixelDecoder(encoder.channels, encoder.stem_channels, mask_dim)
         self.memory_proj = nn.Linear(encoder.channels[-1], d_model)
@@ -72,7 +72,8 @@ class Transformer(nn.Module):
         self.heads = Heads(d_model, mask_dim, mask_guided_boxes, region_masks)
         self.view_head = ViewHead(encoder.channels[-1], num_views)
         if identity_head:
-            self.identity = SegmentIdentityHead(d_model, mask_dim, num_views)
+            levels = self.pixel_decoder.level_channels[:identity_levels]
+            self.identity = SegmentIdentityHead(d_model, mask_dim, num_views, levels)
 
 
 class CoreModel(nn.Module):
@@ -106,6 +107,7 @@ class CoreModel(nn.Module):
         context_layers: int = 0,
         region_masks: bool = False,
         identity_head: bool = False,
+        identity_levels: int = 0,
     ):
         super().__init__()
         self.semantic_mask_base = semantic_mask_base
@@ -114,7 +116,7 @@ class CoreModel(nn.Module):
         self.vision_backbone = ImageEncoder(encoder_channels, stem_channels)
         self.language_backbone = PromptEncoder(vocab_size, d_model, num_views, use_view_conditioning)
         self.transformer = Transformer(self.vision_backbone, d_model, num_heads, decoder_layers, num_queries, mask_dim, num_views,
-                                       mask_guided_boxes, context_layers, region_masks, identity_head)
+                                       mask_guided_boxes, context_layers, region_masks, identity_head, identity_levels)
         self.d_model = d_model
 
     # Parameters of the optional Stage 2 aids (model.context_layers, model.region_masks). They
@@ -130,8 +132,9 @@ class CoreModel(nn.Module):
     def stride(self) -> int:
         return self.vision_backbone.stride
 
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(I, 1, H, W) → pixel_embed (I, M, H, W), memory (I, h*w, D), coarse (I, C, h, w)."""
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(I, 1, H, W) → pixel_embed (I, M, H, W), memory (I, h*w, D), coarse (I, C, h, w), and the
+        pixel decoder's top-down maps that the identity head reads (coarsest first; often none)."""
         t = self.transformer
         x = (images.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
         x = x.contiguous(memory_format=torch.channels_last)
@@ -143,8 +146,8 @@ class CoreModel(nn.Module):
             memory = t.context(memory, self.memory_pos(hc, wc, memory.device))
             context = t.context_to_pixels(memory).transpose(1, 2).reshape(coarse.shape)
             feats = [*feats[:-1], coarse + context.contiguous(memory_format=torch.channels_last)]
-        pixel_embed = t.pixel_decoder(feats)
-        return pixel_embed, memory, coarse
+        pixel_embed, levels = t.pixel_decoder(feats, len(t.identity.levels) if self.has_identity else 0)
+        return pixel_embed, memory, coarse, levels
 
     def memory_pos(self, h: int, w: int, device) -> torch.Tensor:
         """Sine positions of the h×w stride-16 tokens: (h*w, D)."""
@@ -154,24 +157,24 @@ class CoreModel(nn.Module):
         h, w = images.shape[-2:]
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} must be a multiple of {self.stride}")
-        pixel_embed, memory, coarse = self.encode_images(images)
+        pixel_embed, memory, coarse, levels = self.encode_images(images)
         if len(queries):
             outputs = self.decode(pixel_embed, memory, coarse, queries)
         else:  # loss.per_prompt=false: no prompt to decode, the identity head below does the work
             outputs = {"view_logits": self.transformer.view_head(coarse)}
         if queries.class_text_ids is not None and self.has_identity:
             outputs["identity_logits"], outputs["identity_presence"] = self.identify(
-                pixel_embed, memory, coarse, queries.views, queries.class_text_ids)
+                pixel_embed, memory, coarse, levels, queries.views, queries.class_text_ids)
         return outputs
 
     @property
     def has_identity(self) -> bool:
         return hasattr(self.transformer, "identity")
 
-    def identify(self, pixel_embed, memory, coarse, views: torch.Tensor, class_text_ids: torch.Tensor):
+    def identify(self, pixel_embed, memory, coarse, levels, views: torch.Tensor, class_text_ids: torch.Tensor):
         """Encoded images + (C, T) prompt texts → identity logits (I, 1 + C, H, W), presence (I, C)."""
         prompts = self.language_backbone.encode_text(class_text_ids)
-        return self.transformer.identity(pixel_embed, memory, tuple(coarse.shape[-2:]), views, prompts)
+        return self.transformer.identity(pixel_embed, memory, tuple(coarse.shape[-2:]), views, prompts, levels)
 
     def decode(self, pixel_embed, memory, coarse, queries: FindQueries) -> dict:
         """Run the prompt-dependent part for B find queries on already-encoded images."""

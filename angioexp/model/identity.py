@@ -5,13 +5,18 @@ time, so nothing makes "mid LAD" and "distal LAD" compete for a pixel. Here ever
 embedding becomes a classifier, and all of them (plus a learned background class) are scored on
 every pixel in one pass:
 
-    logit_c(p) = f_c · [pixel_embed(p), xy(p)]  +  upsample(r_c · norm(memory + view))(p)  +  b_c
-                 fine: thin vessel shape            coarse: where in the tree segment c lies
+    logit_c(p) = f_c · [pixel_embed(p), xy(p)]  +  up(r_c · norm(memory + view)  ⊕_s  g_c,s · level_s)(p)  +  b_c
+                 fine: thin vessel shape            coarse → finer: where in the tree segment c lies
 
 where f_c and r_c are MLPs of prompt c's pooled text embedding (background: a learned
 embedding in the same space), ``memory`` the image's global-context tokens (stride 16),
 ``view`` the C-arm view embedding (so LAO / RAO, cranial / caudal reach the per-pixel decision)
-and ``xy`` sine features of the pixel's image coordinates. The prompt interface stays SAM3's:
+and ``xy`` sine features of the pixel's image coordinates. ``level_s`` are the pixel decoder's
+top-down maps at strides 8, 4, … (``model.identity_levels`` of them), each scored by a
+class-specific projection g_c,s and added coarse to fine (⊕: upsample, add), so that two
+segments closer together than a stride-16 cell (a diagonal beside its parent, a proximal → mid
+boundary) can get different names before the 16-channel pixel embedding has to tell them
+apart. Their projections start at zero. The prompt interface stays SAM3's:
 any subset of prompts can be asked; the softmax runs over the ones asked.
 
 Presence: logit per (image, prompt) from the pooled image memory and the prompt embedding —
@@ -31,11 +36,16 @@ COORD_DIM = 8  # sine features of (x, y) appended to the per-pixel embedding
 
 
 class SegmentIdentityHead(nn.Module):
-    """pixel_embed (I, M, H, W), memory (I, L, D) at (h, w), views (I,), prompts (C, D)
+    """pixel_embed (I, M, H, W), memory (I, L, D) at (h, w), views (I,), prompts (C, D),
+    levels [(I, level_channels[s], h_s, w_s)] coarsest first
     → logits (I, 1 + C, H, W) with class 0 = background, presence_logits (I, C)."""
 
-    def __init__(self, d_model: int, mask_dim: int, num_views: int):
+    def __init__(self, d_model: int, mask_dim: int, num_views: int, level_channels: tuple[int, ...] = ()):
         super().__init__()
+        self.levels = nn.ModuleList(MLP(d_model, d_model, c, 2) for c in level_channels)
+        for level in self.levels:  # start as the head without levels (a checkpoint without them is unchanged)
+            nn.init.zeros_(level.layers[-1].weight)
+            nn.init.zeros_(level.layers[-1].bias)
         self.background = nn.Parameter(torch.zeros(d_model))
         self.fine = MLP(d_model, d_model, mask_dim + COORD_DIM + 1, 2)  # last entry: the class bias
         self.region = MLP(d_model, d_model, d_model, 2)
@@ -46,7 +56,9 @@ class SegmentIdentityHead(nn.Module):
         nn.init.zeros_(self.view_embed.weight)
 
     def forward(self, pixel_embed: torch.Tensor, memory: torch.Tensor, memory_hw: tuple[int, int], views: torch.Tensor,
-                prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                prompts: torch.Tensor, levels: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(levels) != len(self.levels):
+            raise ValueError(f"the head was built for {len(self.levels)} decoder levels, got {len(levels)}")
         i, _, h, w = pixel_embed.shape
         classes = torch.cat([self.background[None], prompts], dim=0)  # (1 + C, D)
         fine = self.fine(classes)  # (1 + C, M + COORD_DIM + 1)
@@ -56,6 +68,11 @@ class SegmentIdentityHead(nn.Module):
         logits = torch.einsum("kf,ifhw->ikhw", fine[:, :-1], features) + fine[:, -1].view(1, -1, 1, 1)
         context = self.memory_norm(memory + self.view_embed(views)[:, None])  # (I, L, D)
         coarse = torch.einsum("kd,ild->ikl", self.region(classes), context).reshape(i, -1, *memory_hw)
+        # Coarse to fine, each map upsampled onto the next: one full-resolution upsampling in all,
+        # whose backward pass is the costly part on a CPU.
+        for project, level in zip(self.levels, levels):
+            coarse = F.interpolate(coarse, size=level.shape[-2:], mode="bilinear", align_corners=False)
+            coarse = coarse + torch.einsum("kc,ichw->ikhw", project(classes).to(level.dtype), level)
         logits = logits + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
         pooled = context.mean(dim=1)  # (I, D)
         pair = torch.cat([pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)], dim=-1)

@@ -35,7 +35,8 @@ class PixelDecoder(nn.Module):
     """Multi-scale encoder features → per-pixel mask embeddings at full resolution.
 
     Input:  feats, finest first: [(I, C_stem, H, W), (I, C0, H/2, W/2), …, (I, C_S-1, H/2^S, W/2^S)]
-    Output: pixel_embed (I, mask_dim, H, W)
+    Output: pixel_embed (I, mask_dim, H, W), and the first ``levels`` maps of the top-down path,
+            coarsest first: [(I, level_channels[0], H/2^(S-1), W/2^(S-1)), …]
     """
 
     def __init__(self, encoder_channels: tuple[int, ...], stem_channels: int, mask_dim: int = 16):
@@ -49,11 +50,14 @@ class PixelDecoder(nn.Module):
             ups.append(FuseUp(c_coarse, c_skip, c_out))
             c_coarse = c_out
         self.ups = nn.ModuleList(ups)  # coarsest first
+        self.level_channels = tuple(reversed(outs))  # the width of each top-down map, coarsest first
         self.embed = Conv1x1(c_coarse, mask_dim)
         self.mask_dim = mask_dim
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, feats: list[torch.Tensor], levels: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = feats[-1]
+        path = []
         for up, skip in zip(self.ups, reversed(feats[:-1])):
             x = up(x, skip)
-        return self.embed(x)
+            path.append(x)
+        return self.embed(x), path[:levels]

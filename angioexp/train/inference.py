@@ -118,8 +118,8 @@ def predict_identity_batch(model, batch, sizes: list[tuple[int, int]], class_tex
     """
     from scipy import ndimage
 
-    pixel_embed, memory, coarse = model.encode_images(batch.images)
-    logits, presence_logits = model.identify(pixel_embed, memory, coarse, batch.queries.views, class_text_ids)
+    pixel_embed, memory, coarse, levels = model.encode_images(batch.images)
+    logits, presence_logits = model.identify(pixel_embed, memory, coarse, levels, batch.queries.views, class_text_ids)
     presence = presence_logits.float().sigmoid().cpu().numpy()  # (I, C)
     ids = np.asarray([0, *category_ids])
     results: list[dict] = []
