@@ -43,7 +43,7 @@ class SegmentIdentityHead(nn.Module):
     def __init__(self, d_model: int, mask_dim: int, num_views: int, level_channels: tuple[int, ...] = ()):
         super().__init__()
         self.levels = nn.ModuleList(MLP(d_model, d_model, c, 2) for c in level_channels)
-        for level in self.levels:  # start as the head without levels (a checkpoint without them is unchanged)
+        for level in self.levels:  # the levels' terms start at zero and grow from the first step
             nn.init.zeros_(level.layers[-1].weight)
             nn.init.zeros_(level.layers[-1].bias)
         self.background = nn.Parameter(torch.zeros(d_model))
@@ -72,7 +72,7 @@ class SegmentIdentityHead(nn.Module):
         # whose backward pass is the costly part on a CPU.
         for project, level in zip(self.levels, levels):
             coarse = F.interpolate(coarse, size=level.shape[-2:], mode="bilinear", align_corners=False)
-            coarse = coarse + torch.einsum("kc,ichw->ikhw", project(classes).to(level.dtype), level)
+            coarse = coarse + torch.einsum("kc,ichw->ikhw", project(classes), level)
         logits = logits + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
         pooled = context.mean(dim=1)  # (I, D)
         pair = torch.cat([pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)], dim=-1)
