@@ -159,3 +159,19 @@ def test_stage2_never_flips_because_segment_names_are_side_specific(coco2):
     default = TrainingSet(coco2, cfg, num_views=10).batch(0)
     keep = TrainingSet(coco2, _cfg("scratch.hflip_prob=0", stage=2), num_views=10).batch(0)
     assert torch.equal(default.images, keep.images) and (default.targets["view_labels"] >= 0).any()
+
+
+@pytest.mark.parametrize("shape,size", [((512, 512), 256), ((512, 512), 128), ((384, 512), 128), ((500, 500), 256)])
+def test_mask_resizing_is_a_box_average_thresholded_at_half(shape, size):
+    """The block-count path (whole-number factors) gives PIL's box filter exactly; other sizes use it."""
+    from PIL import Image
+
+    from angioexp.train.data import _resize_mask
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random(shape) < p for p in (0.02, 0.3, 0.5, 0.9)] + [np.zeros(shape, dtype=bool)]
+    thin = np.zeros(shape, dtype=bool)
+    thin[100:103, 40:300] = True  # a 3-px vessel: some blocks exactly half covered
+    for mask in [*masks, thin]:
+        expected = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.BOX)) >= 0.5
+        assert np.array_equal(_resize_mask(mask, size), expected)
