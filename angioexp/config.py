@@ -289,6 +289,7 @@ class ModelConfig:
     region_masks: bool = setting(False, "mask logits += a coarse prompt-conditioned region map")
     identity_head: bool = setting(False, "Stage 2: one per-pixel softmax over background + every segment prompt")
     identity_levels: int = setting(0, "identity head: pixel-decoder maps (strides 8, 4, …) that refine its coarse region map", ge=0)
+    presence_evidence: bool = setting(False, "identity head: a segment's presence also reads its own pixels' probabilities (area, peak)")
 
 
 @dataclass
@@ -427,6 +428,7 @@ DEFAULTS: dict[tuple[str | None, int | None], dict[str, Any]] = {
         "model.region_masks": True,
         "model.identity_head": True,
         "model.identity_levels": 2,  # region map refined at strides 8 and 4 (docs/decisions.md)
+        "model.presence_evidence": True,  # presence reads its segment's pixels (docs/decisions.md)
         # the identity head supervises every segment of a frame each step; SAM3's per-prompt
         # objective beside it cost steps and scored lower at equal steps (docs/decisions.md), so
         # it is off; turned back on, it decodes one present and one absent prompt per image
@@ -771,7 +773,8 @@ def parse_override(text: str) -> tuple[str, str]:
 
 # Keys added after runs were stored: a stored config without one ran the code of its day, which
 # behaved like this value, whatever today's default is.
-BEFORE_THE_KEY_EXISTED: dict[str, Any] = {"loss.per_prompt": True, "model.identity_levels": 0}
+BEFORE_THE_KEY_EXISTED: dict[str, Any] = {"loss.per_prompt": True, "model.identity_levels": 0,
+                                           "model.presence_evidence": False}
 
 
 def _resolve(explicit: dict[str, tuple[Any, str]], *, stored: bool) -> Config:

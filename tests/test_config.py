@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = json.loads((Path(__file__).parent / "data" / "config_resolved_snapshot.json").read_text())
 # Values that changed on purpose since the snapshot: core Stage 2 resolved hflip_prob 0.5, which
 # train/data.py then ignored (no flips in Stage 2); the rule now lives in DEFAULTS. Core Stage 2
-# trains without SAM3's per-prompt objective, with the identity head's finer levels (measured
-# decisions, docs/decisions.md).
-CHANGED_ON_PURPOSE = {("core", 2): {"scratch.hflip_prob": 0.0, "loss.per_prompt": False, "model.identity_levels": 2}}
+# trains without SAM3's per-prompt objective, with the identity head's finer levels and a presence
+# that reads the maps (measured decisions, docs/decisions.md).
+CHANGED_ON_PURPOSE = {("core", 2): {"scratch.hflip_prob": 0.0, "loss.per_prompt": False, "model.identity_levels": 2,
+                                     "model.presence_evidence": True}}
 
 
 @pytest.mark.parametrize("backend", ["core", "sam3"])
@@ -116,14 +117,16 @@ def test_a_runs_stored_config_loads_as_it_ran(tmp_path):
 
 def test_a_stored_config_from_before_a_key_existed_keeps_the_behaviour_it_ran_with():
     """Core Stage 2 runs stored before loss.per_prompt existed trained the per-prompt objective
-    (before model.identity_levels, a head without levels); read back (resume, evaluate, predict)
-    they still do, whatever today's default is."""
+    (before model.identity_levels, a head without levels; before model.presence_evidence, a
+    presence head of memory and prompt only); read back (resume, evaluate, predict) they still do,
+    whatever today's default is."""
     old = to_dict(load_config(stage=2))
-    del old["loss"]["per_prompt"], old["model"]["identity_levels"]
+    del old["loss"]["per_prompt"], old["model"]["identity_levels"], old["model"]["presence_evidence"]
     assert load_config(stage=2).loss.per_prompt is False  # today's core Stage 2 default
     cfg = config_from_dict(old, source="last.pt")
     assert cfg.loss.per_prompt is True and sources(cfg)["loss.per_prompt"] == "stored config (key added later)"
     assert cfg.model.identity_levels == 0 and load_config(stage=2).model.identity_levels == 2  # a model of its day
+    assert cfg.model.presence_evidence is False and load_config(stage=2).model.presence_evidence is True
     assert config_from_dict(to_dict(load_config(stage=2)), source="last.pt").loss.per_prompt is False
 
 

@@ -54,6 +54,28 @@ def test_identity_levels_start_at_zero_then_name_pixels_finer_than_a_region_cell
         load_config(None, ["model.identity_levels=5"], stage=2)
 
 
+def test_presence_evidence_reads_each_prompts_pixels_without_pulling_the_maps():
+    """Evidence per (image, prompt) = (log(1 + 1000 × expected area fraction), peak probability),
+    from the softmax over background + prompts; the presence loss does not reach the maps."""
+    logits = torch.full((1, 3, 10, 10), -30.0)
+    logits[0, 0] = 0.0  # background everywhere ...
+    logits[0, 1, :2, :6] = 30.0  # ... except 12 pixels of prompt 1 (probability ~1 there)
+    evidence = SegmentIdentityHead.evidence(logits)  # read on every other pixel: 3 of 25
+    assert evidence.shape == (1, 2, SegmentIdentityHead.EVIDENCE)
+    assert torch.allclose(evidence[0, 0], torch.tensor([math.log1p(1000 * 12 / 100), 1.0]), atol=1e-4)
+    assert torch.allclose(evidence[0, 1], torch.zeros(2), atol=1e-4)  # prompt 2 has no pixel
+
+    torch.manual_seed(0)
+    head = SegmentIdentityHead(d_model=32, mask_dim=8, num_views=5, presence_evidence=True)
+    pixel_embed, memory, views, prompts = torch.randn(2, 8, 32, 48), torch.randn(2, 6, 32), torch.tensor([0, 5]), torch.randn(4, 32)
+    logits, presence = head(pixel_embed, memory, (2, 3), views, prompts)
+    presence.sum().backward()
+    assert head.fine.layers[0].weight.grad is None  # detached: the maps learn only from their own loss
+    assert head.presence.layers[0].weight.grad[:, -SegmentIdentityHead.EVIDENCE:].abs().sum() > 0
+    # off by default: the presence head reads pooled memory and prompt only
+    assert SegmentIdentityHead(32, 8, 5).presence.layers[0].in_features == 64
+
+
 def test_core_model_gives_identity_outputs_for_the_category_prompts():
     cfg = load_config(None, ["train.device=cpu"], stage=2)
     assert cfg.model.identity_head  # the core Stage 2 default

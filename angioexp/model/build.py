@@ -35,6 +35,7 @@ def build_model(cfg) -> CoreModel:
             region_masks=m.region_masks,
             identity_head=m.identity_head,
             identity_levels=m.identity_levels,
+            presence_evidence=m.presence_evidence,
         )
     # channels-last lets oneDNN run the small convolutions ~2× faster on CPU (measured).
     return model.to(memory_format=torch.channels_last)

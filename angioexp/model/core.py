@@ -56,7 +56,7 @@ class Transformer(nn.Module):
 
     def __init__(self, encoder: ImageEncoder, d_model: int, num_heads: int, num_layers: int, num_queries: int, mask_dim: int, num_views: int,
                  mask_guided_boxes: bool = True, context_layers: int = 0, region_masks: bool = False,
-                 identity_head: bool = False, identity_levels: int = 0):
+                 identity_head: bool = False, identity_levels: int = 0, presence_evidence: bool = False):
         super().__init__()
         self.pixel_decoder = PixelDecoder(encoder.channels, encoder.stem_channels, mask_dim)
         self.memory_proj = nn.Linear(encoder.channels[-1], d_model)
@@ -73,7 +73,7 @@ class Transformer(nn.Module):
         self.view_head = ViewHead(encoder.channels[-1], num_views)
         if identity_head:
             levels = self.pixel_decoder.level_channels[:identity_levels]
-            self.identity = SegmentIdentityHead(d_model, mask_dim, num_views, levels)
+            self.identity = SegmentIdentityHead(d_model, mask_dim, num_views, levels, presence_evidence)
 
 
 class CoreModel(nn.Module):
@@ -108,6 +108,7 @@ class CoreModel(nn.Module):
         region_masks: bool = False,
         identity_head: bool = False,
         identity_levels: int = 0,
+        presence_evidence: bool = False,
     ):
         super().__init__()
         self.semantic_mask_base = semantic_mask_base
@@ -116,7 +117,8 @@ class CoreModel(nn.Module):
         self.vision_backbone = ImageEncoder(encoder_channels, stem_channels)
         self.language_backbone = PromptEncoder(vocab_size, d_model, num_views, use_view_conditioning)
         self.transformer = Transformer(self.vision_backbone, d_model, num_heads, decoder_layers, num_queries, mask_dim, num_views,
-                                       mask_guided_boxes, context_layers, region_masks, identity_head, identity_levels)
+                                       mask_guided_boxes, context_layers, region_masks, identity_head, identity_levels,
+                                       presence_evidence)
         self.d_model = d_model
 
     # Parameters of the optional Stage 2 aids (model.context_layers, model.region_masks). They

@@ -20,7 +20,12 @@ apart. Their projections start at zero. The prompt interface stays SAM3's:
 any subset of prompts can be asked; the softmax runs over the ones asked.
 
 Presence: logit per (image, prompt) from the pooled image memory and the prompt embedding —
-the probability that the segment is in the frame at all, the score of its mask.
+the probability that the segment is in the frame at all, the score of its mask. With
+``presence_evidence`` it also reads what the softmax above says of that segment in this frame:
+log(1 + 1000 × its expected area fraction) and its peak probability, read on every other pixel
+in each direction. A mean-pooled memory hardly
+tells whether a small branch is there; the pixels named after it do. The evidence is detached,
+so the presence loss calibrates the maps' verdict without pulling the maps toward it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from angioexp.model.heads import MLP
 from angioexp.model.prompt_encoder import grid_positions, sine_embed
 
 COORD_DIM = 8  # sine features of (x, y) appended to the per-pixel embedding
+EVIDENCE_STRIDE = 2  # presence evidence is read on every other pixel in each direction
 
 
 class SegmentIdentityHead(nn.Module):
@@ -40,7 +46,10 @@ class SegmentIdentityHead(nn.Module):
     levels [(I, level_channels[s], h_s, w_s)] coarsest first
     → logits (I, 1 + C, H, W) with class 0 = background, presence_logits (I, C)."""
 
-    def __init__(self, d_model: int, mask_dim: int, num_views: int, level_channels: tuple[int, ...] = ()):
+    EVIDENCE = 2  # per (image, prompt): log(1 + 1000 × expected area fraction), peak probability
+
+    def __init__(self, d_model: int, mask_dim: int, num_views: int, level_channels: tuple[int, ...] = (),
+                 presence_evidence: bool = False):
         super().__init__()
         self.levels = nn.ModuleList(MLP(d_model, d_model, c, 2) for c in level_channels)
         for level in self.levels:  # the levels' terms start at zero and grow from the first step
@@ -51,7 +60,8 @@ class SegmentIdentityHead(nn.Module):
         self.region = MLP(d_model, d_model, d_model, 2)
         self.view_embed = nn.Embedding(num_views + 1, d_model)  # last row: unknown view
         self.memory_norm = nn.LayerNorm(d_model)
-        self.presence = MLP(2 * d_model, d_model, 1, 2)
+        self.presence_evidence = presence_evidence
+        self.presence = MLP(2 * d_model + (self.EVIDENCE if presence_evidence else 0), d_model, 1, 2)
         nn.init.normal_(self.background, std=0.02)
         nn.init.zeros_(self.view_embed.weight)
 
@@ -75,5 +85,16 @@ class SegmentIdentityHead(nn.Module):
             coarse = coarse + torch.einsum("kc,ichw->ikhw", project(classes), level)
         logits = logits + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
         pooled = context.mean(dim=1)  # (I, D)
-        pair = torch.cat([pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)], dim=-1)
-        return logits, self.presence(pair)[..., 0]
+        pair = [pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)]
+        if self.presence_evidence:
+            pair.append(self.evidence(logits).to(pooled.dtype))
+        return logits, self.presence(torch.cat(pair, dim=-1))[..., 0]
+
+    @staticmethod
+    @torch.no_grad()
+    def evidence(logits: torch.Tensor) -> torch.Tensor:
+        """(I, 1 + C, H, W) identity logits → (I, C, EVIDENCE): what each prompt's pixels say."""
+        # Every other pixel in each direction: the same statistics at a quarter of the softmax's cost
+        probs = logits[..., ::EVIDENCE_STRIDE, ::EVIDENCE_STRIDE].float().softmax(dim=1)
+        area = torch.log1p(1000.0 * probs.mean(dim=(2, 3))[:, 1:])
+        return torch.stack([area, probs.amax(dim=(2, 3))[:, 1:]], dim=-1)
