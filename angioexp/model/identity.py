@@ -23,9 +23,9 @@ Presence: logit per (image, prompt) from the pooled image memory and the prompt 
 the probability that the segment is in the frame at all, the score of its mask. With
 ``presence_evidence`` it also reads what the softmax above says of that segment in this frame:
 log(1 + 1000 × its expected area fraction) and its peak probability, read on every other pixel
-in each direction. A mean-pooled memory hardly
-tells whether a small branch is there; the pixels named after it do. The evidence is detached,
-so the presence loss calibrates the maps' verdict without pulling the maps toward it.
+in each direction. A mean-pooled memory hardly tells whether a small branch is there; the
+pixels named after it do. The evidence is detached, so the presence loss calibrates the maps'
+verdict without pulling the maps toward it.
 """
 
 from __future__ import annotations
