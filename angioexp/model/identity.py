@@ -38,7 +38,6 @@ from angioexp.model.heads import MLP
 from angioexp.model.prompt_encoder import grid_positions, sine_embed
 
 COORD_DIM = 8  # sine features of (x, y) appended to the per-pixel embedding
-EVIDENCE_STRIDE = 2  # presence evidence is read on every other pixel in each direction
 
 
 class SegmentIdentityHead(nn.Module):
@@ -47,6 +46,7 @@ class SegmentIdentityHead(nn.Module):
     → logits (I, 1 + C, H, W) with class 0 = background, presence_logits (I, C)."""
 
     EVIDENCE = 2  # per (image, prompt): log(1 + 1000 × expected area fraction), peak probability
+    EVIDENCE_STRIDE = 2  # read on every other pixel in each direction
 
     def __init__(self, d_model: int, mask_dim: int, num_views: int, level_channels: tuple[int, ...] = (),
                  presence_evidence: bool = False):
@@ -85,16 +85,16 @@ class SegmentIdentityHead(nn.Module):
             coarse = coarse + torch.einsum("kc,ichw->ikhw", project(classes), level)
         logits = logits + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
         pooled = context.mean(dim=1)  # (I, D)
-        pair = [pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)]
+        presence_inputs = [pooled[:, None].expand(-1, prompts.shape[0], -1), prompts[None].expand(i, -1, -1)]
         if self.presence_evidence:
-            pair.append(self.evidence(logits).to(pooled.dtype))
-        return logits, self.presence(torch.cat(pair, dim=-1))[..., 0]
+            presence_inputs.append(self.evidence(logits).to(pooled.dtype))
+        return logits, self.presence(torch.cat(presence_inputs, dim=-1))[..., 0]
 
-    @staticmethod
+    @classmethod
     @torch.no_grad()
-    def evidence(logits: torch.Tensor) -> torch.Tensor:
+    def evidence(cls, logits: torch.Tensor) -> torch.Tensor:
         """(I, 1 + C, H, W) identity logits → (I, C, EVIDENCE): what each prompt's pixels say."""
         # Every other pixel in each direction: the same statistics at a quarter of the softmax's cost
-        probs = logits[..., ::EVIDENCE_STRIDE, ::EVIDENCE_STRIDE].float().softmax(dim=1)
+        probs = logits[..., :: cls.EVIDENCE_STRIDE, :: cls.EVIDENCE_STRIDE].float().softmax(dim=1)
         area = torch.log1p(1000.0 * probs.mean(dim=(2, 3))[:, 1:])
         return torch.stack([area, probs.amax(dim=(2, 3))[:, 1:]], dim=-1)
