@@ -13,6 +13,7 @@ workers could still share is kept on one worker by :func:`pytest_xdist_make_sche
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ TEST_CASES = 18
 # Optuna creates its schema there on first use, and two creators at once race. (The MLflow-server
 # test of test_reliability_load.py makes a database of its own.)
 SHARED_POSTGRES_DATABASE = {"tests/test_sweep_run.py", "tests/test_sweep_storage.py"}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the test process's shared headless Chromium, if a browser test started one."""
+    browser_check = sys.modules.get("tests.helpers.browser_check")
+    if browser_check is not None:
+        browser_check.close_browser()
 
 
 def pytest_xdist_make_scheduler(config, log):

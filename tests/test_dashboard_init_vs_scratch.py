@@ -99,6 +99,10 @@ def test_the_stage2_bench_with_track_logs_pairs_the_overview_finds(store_uri, tm
     from angioexp.dashboard.init_vs_scratch import BENCH_EXPERIMENT
 
     monkeypatch.setitem(stage2.QUICK, "seeds", (0,))  # one pair is enough to test the plumbing
+    # budgets of a few seconds: a step or two per stage is what the plumbing needs
+    monkeypatch.setitem(stage2.QUICK, "stage1", 0.05)
+    monkeypatch.setitem(stage2.QUICK, "stage2", 0.08)
+    monkeypatch.setitem(stage2.QUICK, "marks", (0.04, 0.08))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ANGIOEXP_BENCH_CACHE", str(tmp_path / "cache"))
     assert bench_main(["--only", "stage2", "--quick", "--track", "--no-write"]) == 0

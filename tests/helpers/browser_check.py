@@ -2,9 +2,10 @@
 
 Speaks the Chrome DevTools protocol directly (``websocket-client``), so no browser download is
 involved: the Debian ``chromium`` package (``ANGIOEXP_CHROMIUM`` or ``/usr/bin/chromium``) is
-started with a fresh profile and ``--remote-debugging-port=0`` on 127.0.0.1; uncaught
-exceptions, ``console.error`` calls and browser log errors are collected while the page loads
-and its plots render; then a screenshot is taken.
+started once per test process with a fresh profile and ``--remote-debugging-port=0`` on
+127.0.0.1; each page opens in a new tab, where uncaught exceptions, ``console.error`` calls and
+browser log errors are collected while the page loads and its plots render; then a screenshot
+is taken and the tab closed.
 
     errors = render(Path("index.html"), Path("shot.png"))
     assert errors == [] and plot_area_not_blank(Path("shot.png"))
@@ -12,7 +13,9 @@ and its plots render; then a screenshot is taken.
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -104,35 +107,91 @@ def _errors_from(events: list[dict]) -> list[str]:
     return errors
 
 
+class _Browser:
+    """One headless Chromium for the whole test process: starting one costs seconds of CPU, so
+    every ``render`` opens a fresh tab in it instead (its own console, closed afterwards)."""
+
+    def __init__(self, binary: str, timeout: float):
+        self.profile = Path(tempfile.mkdtemp(prefix="angioexp-chromium-"))
+        self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = self.profile / "DevToolsActivePort"
+            deadline = time.time() + timeout
+            while not (port_file.exists() and port_file.read_text().strip()):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"chromium exited with code {self.proc.returncode} before DevTools was up")
+                if time.time() > deadline:
+                    raise TimeoutError("chromium did not open its DevTools port")
+                time.sleep(0.1)
+            self.base = f"http://127.0.0.1:{int(port_file.read_text().splitlines()[0])}"
+        except BaseException:
+            self.close()
+            raise
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def open_tab(self) -> dict:
+        request = urllib.request.Request(f"{self.base}/json/new?about:blank", method="PUT")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return json.load(resp)
+
+    def close_tab(self, target_id: str) -> None:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"{self.base}/json/close/{target_id}", timeout=10).close()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+_browser: _Browser | None = None
+
+
+def close_browser() -> None:
+    """Stop this process's Chromium, if one was started (tests/conftest.py calls it at the end)."""
+    global _browser
+    if _browser is not None:
+        _browser.close()
+        _browser = None
+
+
+def _shared_browser(timeout: float) -> _Browser:
+    global _browser
+    if _browser is None or not _browser.alive():
+        binary = chromium_path()
+        if binary is None:
+            raise RuntimeError("no Chromium found (set ANGIOEXP_CHROMIUM or install the Debian 'chromium' package)")
+        close_browser()
+        _browser = _Browser(binary, timeout)
+        atexit.register(close_browser)
+    return _browser
+
+
+LATE_ERROR_SECONDS = 0.5
+PLOTS_DRAWN = ("Array.from(document.querySelectorAll('.js-plotly-plot'))"
+               ".every(gd => gd._fullLayout && gd.querySelector('svg.main-svg'))")
+
+
+def _plots_drawn(cdp: _Cdp) -> bool:
+    result = cdp.send("Runtime.evaluate", {"expression": PLOTS_DRAWN, "returnByValue": True})
+    return result.get("result", {}).get("value") is True
+
+
 def render(html_path: Path, screenshot_png: Path, *, width: int = 1280, height: int = 900,
-           settle_seconds: float = 2.0, timeout: float = 60.0) -> list[str]:
-    """Load ``html_path`` in headless Chromium, save a screenshot, return its console errors."""
-    binary = chromium_path()
-    if binary is None:
-        raise RuntimeError("no Chromium found (set ANGIOEXP_CHROMIUM or install the Debian 'chromium' package)")
-    profile = Path(tempfile.mkdtemp(prefix="angioexp-chromium-"))
-    proc = subprocess.Popen(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+           settle_seconds: float = 5.0, timeout: float = 60.0) -> list[str]:
+    """Load ``html_path`` in a new headless-Chromium tab, save a screenshot, return its console errors."""
+    browser = _shared_browser(timeout)
+    tab = browser.open_tab()
     cdp = None
     try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.time() + timeout
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with code {proc.returncode} before DevTools was up")
-            if time.time() > deadline:
-                raise TimeoutError("chromium did not open its DevTools port")
-            time.sleep(0.1)
-        port = int(port_file.read_text().splitlines()[0])
-        targets = []
-        while not targets:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
-                targets = [t for t in json.load(resp) if t.get("type") == "page"]
-            if not targets:
-                time.sleep(0.1)
-        cdp = _Cdp(targets[0]["webSocketDebuggerUrl"], timeout)
+        cdp = _Cdp(tab["webSocketDebuggerUrl"], timeout)
         for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
             cdp.send(domain)
         cdp.send("Emulation.setDeviceMetricsOverride",
@@ -140,7 +199,12 @@ def render(html_path: Path, screenshot_png: Path, *, width: int = 1280, height: 
         cdp.send("Page.navigate", {"url": Path(html_path).resolve().as_uri()})
         if not cdp.pump(timeout, until="Page.loadEventFired"):
             raise TimeoutError(f"{html_path} did not finish loading in {timeout} s")
-        cdp.pump(settle_seconds)  # plotly draws after load; late errors show up here
+        # Plotly draws after the load event: wait until every plot has its SVG (or settle_seconds
+        # pass), then a moment more for late errors.
+        deadline = time.time() + settle_seconds
+        while time.time() < deadline and not _plots_drawn(cdp):
+            cdp.pump(0.1)
+        cdp.pump(LATE_ERROR_SECONDS)
         shot = cdp.send("Page.captureScreenshot", {"format": "png"}, timeout=timeout)
         Path(screenshot_png).parent.mkdir(parents=True, exist_ok=True)
         Path(screenshot_png).write_bytes(base64.b64decode(shot["data"]))
@@ -148,13 +212,7 @@ def render(html_path: Path, screenshot_png: Path, *, width: int = 1280, height: 
     finally:
         if cdp is not None:
             cdp.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+        browser.close_tab(tab["id"])
 
 
 def plot_area_not_blank(png: Path, *, min_fraction: float = 0.02, min_colours: int = 16) -> bool:
