@@ -155,11 +155,15 @@ _browser: _Browser | None = None
 
 
 def close_browser() -> None:
-    """Stop this process's Chromium, if one was started (tests/conftest.py calls it at the end)."""
+    """Stop this process's Chromium, if one was started (at exit; tests/conftest.py also calls it
+    when a pytest session ends, since xdist workers may not run exit handlers)."""
     global _browser
     if _browser is not None:
         _browser.close()
         _browser = None
+
+
+atexit.register(close_browser)
 
 
 def _shared_browser(timeout: float) -> _Browser:
@@ -170,7 +174,6 @@ def _shared_browser(timeout: float) -> _Browser:
             raise RuntimeError("no Chromium found (set ANGIOEXP_CHROMIUM or install the Debian 'chromium' package)")
         close_browser()
         _browser = _Browser(binary, timeout)
-        atexit.register(close_browser)
     return _browser
 
 
@@ -185,7 +188,7 @@ def _plots_drawn(cdp: _Cdp) -> bool:
 
 
 def render(html_path: Path, screenshot_png: Path, *, width: int = 1280, height: int = 900,
-           settle_seconds: float = 5.0, timeout: float = 60.0) -> list[str]:
+           draw_timeout: float = 5.0, timeout: float = 60.0) -> list[str]:
     """Load ``html_path`` in a new headless-Chromium tab, save a screenshot, return its console errors."""
     browser = _shared_browser(timeout)
     tab = browser.open_tab()
@@ -199,9 +202,9 @@ def render(html_path: Path, screenshot_png: Path, *, width: int = 1280, height: 
         cdp.send("Page.navigate", {"url": Path(html_path).resolve().as_uri()})
         if not cdp.pump(timeout, until="Page.loadEventFired"):
             raise TimeoutError(f"{html_path} did not finish loading in {timeout} s")
-        # Plotly draws after the load event: wait until every plot has its SVG (or settle_seconds
-        # pass), then a moment more for late errors.
-        deadline = time.time() + settle_seconds
+        # Plotly draws after the load event: wait until every plot has its SVG (at most
+        # draw_timeout), then a moment more for late errors.
+        deadline = time.time() + draw_timeout
         while time.time() < deadline and not _plots_drawn(cdp):
             cdp.pump(0.1)
         cdp.pump(LATE_ERROR_SECONDS)
