@@ -24,8 +24,9 @@ SNAPSHOT = json.loads((Path(__file__).parent / "data" / "config_resolved_snapsho
 # that reads the maps (measured decisions, docs/decisions.md).
 CHANGED_ON_PURPOSE = {("core", 2): {"scratch.hflip_prob": 0.0, "loss.per_prompt": False, "model.identity_levels": 2,
                                      "model.presence_evidence": True, "scratch.train_batch_size": 2,
-                                     "train.max_steps": 2400, "train.eval_every": 800,
-                                     "train.checkpoint_every": 800}}
+                                     "train.max_steps": 3000, "train.eval_every": 1000,
+                                     "train.checkpoint_every": 1000,
+                                     "loss.identity.class_weight_power": 0.25}}
 
 
 @pytest.mark.parametrize("backend", ["core", "sam3"])

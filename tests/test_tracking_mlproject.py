@@ -31,7 +31,7 @@ def test_main_job_budgets_each_stage_and_lets_the_user_override():
     cap = ["--set", "data.max_val_images=120"]
     assert main_job_steps(["--overrides", "", "--stage1_minutes", "", "--stage2_minutes", ""]) == [
         ["train", "--stage", "1", "--budget-minutes", "8.0", *cap],
-        ["train", "--stage", "2", "--budget-minutes", "12.0", *cap],
+        ["train", "--stage", "2", "--budget-minutes", "14.0", *cap],
         ["dashboard"],
     ]
     steps = main_job_steps(["--overrides", "train.max_steps=50 data.max_val_images=10", "--stage1_minutes", "0",

@@ -24,7 +24,7 @@ COMMANDS = {"prepare", "train", "evaluate", "sweep", "promote", "dashboard"}
 
 # The main job's wall-time budget per stage (minutes; train.max_steps still caps a fast machine):
 # with data preparation and the evaluations it fits ~30 minutes on 2 CPU cores.
-MAIN_JOB_MINUTES = {1: 8.0, 2: 12.0}
+MAIN_JOB_MINUTES = {1: 8.0, 2: 14.0}
 # Training-time evaluations of the main job score the first N val frames; the whole synthetic
 # val split (~340 frames) would cost minutes per evaluation on a CPU.
 MAIN_JOB_VAL_IMAGES = 120
